@@ -1,0 +1,3 @@
+"""GPRL: General Preference Reinforcement Learning."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,438 @@
+"""Typed configuration of a GPRL run.
+
+`RunSpec` is the single source of truth: the YAML file of `gprl train`, the CLI's
+`--section.field` flags and the `GPRLRun` CRD schema are all derived from it.
+Field names are snake_case in Python and camelCase in YAML / Kubernetes; both are
+accepted on input. Validation happens once, here, at the edge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+__all__ = [
+    "ConfigError",
+    "RunSpec",
+    "load_config",
+    "dump_config",
+    "add_config_flags",
+    "apply_config_flags",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that failed validation; `problems` holds one line per bad field."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        head = f"invalid configuration{f' in {source}' if source else ''}:"
+        super().__init__("\n".join([head, *("  " + p for p in problems)]))
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# model, data
+
+
+class LoraSpec(_Spec):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all policy weights.")
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (effective scale alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        description="Names of the linear modules that get adapters.",
+    )
+
+
+class ModelSpec(_Spec):
+    policy: str = Field(
+        "world:policy",
+        min_length=1,
+        description="Policy to train: a local Hugging Face model folder, or `world:policy` for the synthetic "
+        "world's SFT policy (built locally on first use).",
+    )
+    reference: Optional[str] = Field(
+        None,
+        description="Frozen reference policy for the KL term; defaults to the initial policy.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Parameter dtype of policy and reference (float32 on CPU)."
+    )
+    chat_template: bool = Field(
+        True, description="Apply the policy tokenizer's chat template to prompts when it has one."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Optional LoRA adapters.")
+
+
+class DataSpec(_Spec):
+    prompts: str = Field(
+        "world:prompts",
+        min_length=1,
+        description="Prompt source: a JSONL file (one object per line with `prompt` text or chat `messages`), "
+        "`hf:<name or path>` for a `datasets` dataset, or `world:prompts` for the synthetic world.",
+    )
+    split: str = Field("train", description="Dataset split, for `hf:` sources.")
+    prompt_field: str = Field("prompt", description="Field holding the prompt text.")
+    messages_field: str = Field("messages", description="Field holding chat messages (used when present).")
+    max_prompt_tokens: int = Field(256, ge=1, le=131072, description="Prompts are left-truncated to this length.")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded; resume keeps the order).")
+
+
+# --------------------------------------------------------------------------------------
+# GPM
+
+
+class GPMSpec(_Spec):
+    path: str = Field(
+        "world:gpm",
+        min_length=1,
+        description="Trained GPM folder (`save_pretrained` layout or the GPM authors' layout), or `world:gpm` / "
+        "`world:bt` for the synthetic world's preference models.",
+    )
+    axes: int = Field(
+        3, ge=1, le=64, description="k, the number of skew-symmetric 2-D axes (embedding size 2k). k = 1 is Bradley-Terry."
+    )
+    beta: float = Field(0.1, gt=0, description="Temperature β of P(y_i ≻ y_j) = σ(s / β).")
+    batch_size: int = Field(32, ge=1, le=4096, description="Responses per GPM forward pass when scoring.")
+    server_url: Optional[str] = Field(
+        None, description="URL of a `gprl serve-gpm` scoring server; score in-process when unset."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# algorithm
+
+
+class AlgoSpec(_Spec):
+    group_size: int = Field(8, ge=2, le=1024, description="G, responses sampled per prompt.")
+    prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts per training step (batch = prompts × G).")
+    steps: int = Field(100, ge=1, description="Training steps (one rollout batch each).")
+    epochs_per_batch: int = Field(1, ge=1, le=64, description="Optimizer passes over each rollout batch.")
+    micro_batch_size: int = Field(
+        64, ge=1, description="Responses per forward/backward; gradients are accumulated over the batch."
+    )
+    learning_rate: float = Field(1e-5, gt=0, lt=1, description="Peak learning rate of AdamW.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Learning-rate decay.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Fraction of steps with linear warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    eps_low: float = Field(0.2, gt=0, lt=1, description="ε_low: the ratio is clipped below at 1 − ε_low.")
+    eps_high: float = Field(0.2, gt=0, le=10, description="ε_high: the ratio is clipped above at 1 + ε_high (>= ε_low).")
+    kl_coef: float = Field(0.04, ge=0, le=10, description="β_KL, weight of KL(π_θ ‖ π_ref) in the loss.")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="Per-token KL estimator (Schulman's k1/k2/k3).")
+    loss_aggregation: Literal["token_mean", "sequence_mean"] = Field(
+        "token_mean", description="Mean over all tokens of the batch, or mean per sequence then over sequences."
+    )
+    normalization: Literal["per_axis", "global", "scalar"] = Field(
+        "per_axis",
+        description="per_axis: each axis normalised on its own scale (GPRL); global: one scale shared by all axes "
+        "(ablation); scalar: aggregate raw scores first, then normalise once (GRPO with a preference model).",
+    )
+    std_eps: float = Field(1e-6, gt=0, description="ε added to the group std in normalisation.")
+
+    @model_validator(mode="after")
+    def _clip_range(self) -> "AlgoSpec":
+        if self.eps_high < self.eps_low:
+            raise ValueError(f"eps_high ({self.eps_high}) must be >= eps_low ({self.eps_low})")
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# drift monitor
+
+
+class DriftSpec(_Spec):
+    mode: Literal["in_process", "operator", "off"] = Field(
+        "in_process",
+        description="Where the drift monitor runs: in the trainer, in the Kubernetes operator, or not at all.",
+    )
+    tau: float = Field(0.05, gt=0, description="Trigger threshold τ on D(t) = KL(α(t) ‖ α(0)).")
+    release_ratio: float = Field(0.5, gt=0, lt=1, description="Release when D(t) < release_ratio · τ (hysteresis).")
+    eta: float = Field(0.5, gt=0, le=10, description="η, step size of the multiplicative axis-weight update.")
+    kappa: float = Field(1.5, ge=1, le=10, description="κ, factor by which β_KL grows (and ε shrinks) per triggered step.")
+    weight_min: float = Field(0.25, gt=0, le=1, description="Lower clamp of the axis weights m.")
+    weight_max: float = Field(4.0, ge=1, description="Upper clamp of the axis weights m.")
+    kl_coef_max: float = Field(0.5, ge=0, description="Largest β_KL the monitor may set.")
+    eps_min: float = Field(0.05, gt=0, lt=1, description="Smallest ε the monitor may set.")
+    tighten_eps: bool = Field(True, description="Also shrink ε_low/ε_high while triggered.")
+    relax_time: float = Field(10.0, gt=0, description="Time constant T (steps) of the decay back to baseline.")
+    warmup_steps: int = Field(5, ge=1, description="Steps averaged into the baseline spectrum α(0).")
+    ema: float = Field(0.3, gt=0, le=1, description="EMA factor of the spectrum (1 = no smoothing).")
+    pinned_weights: Optional[list[float]] = Field(
+        None, description="Axis weights fixed by hand (length k, mean 1 after renormalisation); the monitor keeps them."
+    )
+    report_interval_seconds: float = Field(
+        5.0, gt=0, description="Operator mode: least time between statistics reports to the GPRLRun status."
+    )
+
+    @model_validator(mode="after")
+    def _pins_positive(self) -> "DriftSpec":
+        if self.pinned_weights is not None and any(w <= 0 for w in self.pinned_weights):
+            raise ValueError("pinned_weights must all be > 0")
+        return self
+
+
+# --------------------------------------------------------------------------------------
+# rollout, learner
+
+
+class RolloutSpec(_Spec):
+    backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
+    max_new_tokens: int = Field(32, ge=1, le=131072, description="Completion length limit.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    server_urls: list[str] = Field(
+        default_factory=list, description="`gprl serve-rollout` servers to use; generate in-process when empty."
+    )
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM: share of GPU memory for the engine.")
+
+
+class LearnerSpec(_Spec):
+    backend: Literal["torch", "deepspeed"] = Field("torch", description="Update backend.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="DeepSpeed: keep optimizer state on the CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+
+
+# --------------------------------------------------------------------------------------
+# output, checkpoints, resources
+
+
+class CheckpointSpec(_Spec):
+    every_steps: int = Field(25, ge=1, description="Write a checkpoint every this many steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    resume: bool = Field(True, description="Resume from the newest checkpoint in the output folder when one exists.")
+
+
+class OutputSpec(_Spec):
+    dir: str = Field("runs/gprl", min_length=1, description="Run folder: checkpoints, step log, report.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics on this port (0 = off).")
+    progress: bool = Field(True, description="Show a progress bar.")
+    report: bool = Field(True, description="Write plots and a markdown summary at the end.")
+
+
+class ResourcesSpec(_Spec):
+    """Used by the operator only; a local run ignores it."""
+
+    topology: Literal["colocated", "disaggregated"] = Field(
+        "colocated", description="One Job doing everything per pod, or rollout / GPM servers plus a learner Job."
+    )
+    image: str = Field("ghcr.io/gprl/trainer:0.1.0", min_length=1, description="Trainer container image.")
+    learner_replicas: int = Field(1, ge=1, le=1024, description="Learner pods (DeepSpeed ranks across nodes).")
+    rollout_replicas: int = Field(1, ge=1, le=256, description="Disaggregated: rollout server replicas.")
+    gpm_replicas: int = Field(1, ge=1, le=256, description="Disaggregated: GPM scoring server replicas.")
+    gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per pod.")
+    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request per pod (Kubernetes quantity).")
+    memory: str = Field(
+        "16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description="Memory request per pod."
+    )
+    checkpoint_claim: Optional[str] = Field(
+        None, description="Existing PersistentVolumeClaim for checkpoints; one is created for the run when unset."
+    )
+    checkpoint_size: str = Field("50Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$", description="Size of a created checkpoint claim.")
+    storage_class: Optional[str] = Field(None, description="StorageClass of a created checkpoint claim.")
+    env_from_secrets: list[str] = Field(
+        default_factory=list, description="Secrets (e.g. a model-hub token) exposed to the pods as environment."
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the run
+
+
+class RunSpec(_Spec):
+    """Everything a GPRL run needs."""
+
+    seed: int = Field(0, ge=0, description="Seed of data order, sampling and initialisation.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Policy and reference models.")
+    data: DataSpec = Field(default_factory=DataSpec, description="Prompt data.")
+    gpm: GPMSpec = Field(default_factory=GPMSpec, description="The General Preference Model that scores responses.")
+    algo: AlgoSpec = Field(default_factory=AlgoSpec, description="Advantages and policy update.")
+    drift: DriftSpec = Field(default_factory=DriftSpec, description="The closed-loop drift monitor.")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Generation.")
+    learner: LearnerSpec = Field(default_factory=LearnerSpec, description="Optimisation backend.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Outputs of a run.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Kubernetes resources (operator only).")
+
+    @model_validator(mode="after")
+    def _cross(self) -> "RunSpec":
+        pins = self.drift.pinned_weights
+        if pins is not None and len(pins) != self.gpm.axes:
+            raise ValueError(f"drift.pinned_weights has {len(pins)} entries but gpm.axes is {self.gpm.axes}")
+        if self.drift.kl_coef_max < self.algo.kl_coef:
+            raise ValueError(
+                f"drift.kl_coef_max ({self.drift.kl_coef_max}) must be >= algo.kl_coef ({self.algo.kl_coef})"
+            )
+        return self
+
+    def to_dict(self, camel: bool = True) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=camel)
+
+    def changed_fields(self, other: "RunSpec", fields: tuple[str, ...]) -> list[str]:
+        """Dotted paths among `fields` whose values differ between self and other."""
+        a, b = self.to_dict(camel=False), other.to_dict(camel=False)
+        out = []
+        for path in fields:
+            va, vb = a, b
+            for part in path.split("."):
+                va, vb = va[part], vb[part]
+            if va != vb:
+                out.append(f"{path}: {vb!r} -> {va!r}")
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# errors, YAML, CLI
+
+
+def _user_path(raw: Any, loc: tuple) -> str:
+    """Render a pydantic error location in the spelling the user wrote (snake or camel)."""
+    parts, node = [], raw
+    for key in loc:
+        if isinstance(key, int):
+            parts[-1:] = [f"{parts[-1]}[{key}]"] if parts else [f"[{key}]"]
+            node = node[key] if isinstance(node, list) and key < len(node) else None
+            continue
+        name = key
+        if isinstance(node, dict):
+            camel = to_camel(key)
+            snake = "".join("_" + c.lower() if c.isupper() else c for c in key)
+            for cand in (key, camel, snake):
+                if cand in node:
+                    name = cand
+                    break
+            node = node.get(name)
+        else:
+            node = None
+        parts.append(name)
+    return ".".join(parts) or "<root>"
+
+
+def _fix_hint(err: dict) -> str:
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return "unknown field; remove it or check its spelling (see `gprl config --schema`)"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound}"
+    return err["msg"].removeprefix("Value error, ")
+
+
+def validation_problems(exc: ValidationError, raw: Any) -> list[str]:
+    problems = []
+    for err in exc.errors(include_url=False):
+        path = _user_path(raw, err["loc"])
+        line = f"{path}: {_fix_hint(err)}"
+        if err["type"] not in ("extra_forbidden", "missing", "model_type") and "input" in err:
+            if not isinstance(err["input"], dict):
+                line += f", got {err['input']!r}"
+        problems.append(line)
+    return problems
+
+
+def parse_config(raw: Any, source: str | None = None) -> RunSpec:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"<root>: expected a mapping of sections, got {type(raw).__name__}"], source)
+    try:
+        return RunSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(validation_problems(exc, raw), source) from None
+
+
+def load_config(path: str | os.PathLike) -> RunSpec:
+    """Read a run config from YAML. A file that holds a whole GPRLRun manifest is read from its `spec`."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror}"], str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
+    if isinstance(raw, dict) and raw.get("kind") == "GPRLRun":
+        raw = {k: v for k, v in (raw.get("spec") or {}).items() if k not in ("suspend",)}
+    return parse_config(raw, str(path))
+
+
+def dump_config(spec: RunSpec, path: str | os.PathLike | None = None) -> str:
+    text = yaml.safe_dump(spec.to_dict(), sort_keys=False)
+    if path is not None:
+        atomic_write_text(Path(path), text)
+    return text
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = ""):
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One `--section.field VALUE` flag per leaf of RunSpec, documented by its description."""
+    group = parser.add_argument_group("run configuration (override the config file)")
+    for path, field in _leaf_fields(RunSpec):
+        group.add_argument(
+            f"--{path}", dest=f"cfg:{path}", metavar="V", default=argparse.SUPPRESS, help=field.description
+        )
+
+
+def apply_config_flags(raw: dict, args: argparse.Namespace) -> dict:
+    """Merge the flags given on the command line into a raw config mapping (values parsed as YAML scalars)."""
+    raw = dict(raw or {})
+    for key, value in vars(args).items():
+        if not key.startswith("cfg:"):
+            continue
+        parts = key[4:].split(".")
+        node = raw
+        for part in parts[:-1]:
+            cur = node.get(part, node.get(to_camel(part)))
+            cur = dict(cur) if isinstance(cur, dict) else {}
+            node.pop(to_camel(part), None)
+            node[part] = cur
+            node = cur
+        node.pop(to_camel(parts[-1]), None)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
