@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 __all__ = [
@@ -183,6 +183,12 @@ class DriftSpec(_Spec):
         5.0, gt=0, description="Operator mode: least time between statistics reports to the GPRLRun status."
     )
 
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `off` as false; take it as the user meant it.
+        return "off" if value is False else value
+
     @model_validator(mode="after")
     def _pins_positive(self) -> "DriftSpec":
         if self.pinned_weights is not None and any(w <= 0 for w in self.pinned_weights):
@@ -252,6 +258,14 @@ class ResourcesSpec(_Spec):
     storage_class: Optional[str] = Field(None, description="StorageClass of a created checkpoint claim.")
     env_from_secrets: list[str] = Field(
         default_factory=list, description="Secrets (e.g. a model-hub token) exposed to the pods as environment."
+    )
+    backoff_limit: int = Field(
+        3, ge=0, le=1000,
+        description="Pod failures the run's Job tolerates before the run fails; each replacement pod resumes from "
+        "the newest checkpoint.",
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels the pods must match (e.g. a GPU product)."
     )
 
 
@@ -338,7 +352,7 @@ def _fix_hint(err: dict) -> str:
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
         bound = next(iter(ctx.values()))
-        return f"must be {op} {bound}"
+        return f"must be {op} {bound:g}" if isinstance(bound, float) else f"must be {op} {bound}"
     return err["msg"].removeprefix("Value error, ")
 
 

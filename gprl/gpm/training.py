@@ -1,0 +1,129 @@
+"""GPM training: soft-label cross-entropy over preference pairs (method.md §1).
+
+L = −[p log σ(s/β − margin) + (1 − p) log σ(−s/β − margin)], s = s(chosen ≻ rejected | x).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from gprl.gpm.data import PreferencePair
+from gprl.gpm.model import GeneralPreferenceModel, GPMOutput, encode_pairs
+
+
+def pair_scores(chosen: GPMOutput, rejected: GPMOutput) -> Tensor:
+    """s(chosen ≻ rejected) = Σ_l λ_l (a_c b_r − b_c a_r), λ from the (shared) prompt. Returns (N,)."""
+    a_c, b_c = chosen.embeddings[:, 0::2], chosen.embeddings[:, 1::2]
+    a_r, b_r = rejected.embeddings[:, 0::2], rejected.embeddings[:, 1::2]
+    return (chosen.eigenvalues * (a_c * b_r - b_c * a_r)).sum(-1)
+
+
+def preference_loss(scores: Tensor, prob: Tensor, beta: float, margin: float = 0.0) -> Tensor:
+    logits = scores / beta
+    return -(prob * F.logsigmoid(logits - margin) + (1 - prob) * F.logsigmoid(-logits - margin)).mean()
+
+
+@dataclass
+class GPMTrainResult:
+    train_loss: list[float] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.eval_accuracy[-1] if self.eval_accuracy else float("nan")
+
+
+def _forward_pairs(model, tokenizer, batch: Sequence[PreferencePair], max_length: int, device) -> Tensor:
+    enc = encode_pairs(
+        tokenizer,
+        [p.prompt for p in batch] * 2,
+        [p.chosen for p in batch] + [p.rejected for p in batch],
+        max_length,
+    )
+    out = model(**{k: v.to(device) for k, v in enc.items()})
+    n = len(batch)
+    chosen = GPMOutput(out.embeddings[:n], out.eigenvalues[:n])
+    rejected = GPMOutput(out.embeddings[n:], out.eigenvalues[:n])
+    return pair_scores(chosen, rejected)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, pairs: Sequence[PreferencePair], batch_size: int = 64, max_length: int = 1024) -> float:
+    """Pair accuracy: sign of s(chosen ≻ rejected) agrees with the label (ties p = 0.5 are skipped)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    right = total = 0
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i : i + batch_size]
+        s = _forward_pairs(model, tokenizer, batch, max_length, device)
+        for score, p in zip(s.tolist(), batch):
+            if p.prob == 0.5:
+                continue
+            total += 1
+            right += (score > 0) == (p.prob > 0.5)
+    model.train(was_training)
+    return right / max(total, 1)
+
+
+def train_gpm(
+    model: GeneralPreferenceModel,
+    tokenizer,
+    train_pairs: Sequence[PreferencePair],
+    eval_pairs: Sequence[PreferencePair] = (),
+    *,
+    epochs: int = 2,
+    batch_size: int = 32,
+    learning_rate: float = 3e-4,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.03,
+    margin: float = 0.0,
+    max_length: int = 1024,
+    seed: int = 0,
+    log=None,
+) -> GPMTrainResult:
+    """AdamW with linear warm-up and cosine decay; eval accuracy after every epoch."""
+    if not train_pairs:
+        raise ValueError("train_gpm needs at least one preference pair")
+    torch.manual_seed(seed)
+    order_rng = random.Random(seed)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(train_pairs) / batch_size)
+    warmup = max(1, int(warmup_ratio * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda t: (t + 1) / warmup if t < warmup else 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1, steps - warmup))),
+    )
+    result = GPMTrainResult()
+    model.train()
+    for epoch in range(epochs):
+        order = list(range(len(train_pairs)))
+        order_rng.shuffle(order)
+        total = 0.0
+        for i in range(0, len(order), batch_size):
+            batch = [train_pairs[j] for j in order[i : i + batch_size]]
+            s = _forward_pairs(model, tokenizer, batch, max_length, device)
+            prob = torch.tensor([p.prob for p in batch], dtype=s.dtype, device=device)
+            loss = preference_loss(s, prob, model.config.beta, margin)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch)
+        result.train_loss.append(total / len(train_pairs))
+        if eval_pairs:
+            result.eval_accuracy.append(evaluate(model, tokenizer, eval_pairs, max_length=max_length))
+        if log:
+            acc = f", eval accuracy {result.eval_accuracy[-1]:.3f}" if eval_pairs else ""
+            log(f"GPM epoch {epoch + 1}/{epochs}: loss {result.train_loss[-1]:.4f}{acc}")
+    model.eval()
+    return result
