@@ -234,6 +234,11 @@ class OutputSpec(_Spec):
     metrics_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics on this port (0 = off).")
     progress: bool = Field(True, description="Show a progress bar.")
     report: bool = Field(True, description="Write plots and a markdown summary at the end.")
+    eval_every: int = Field(
+        0, ge=0, description="Every this many steps, win rate against the reference policy on held-out prompts (0 = at the end only)."
+    )
+    eval_prompts: int = Field(64, ge=1, description="Held-out prompts per evaluation.")
+    eval_samples: int = Field(2, ge=1, le=64, description="Sampled responses per prompt and policy in an evaluation.")
 
 
 class ResourcesSpec(_Spec):

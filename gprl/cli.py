@@ -1,0 +1,179 @@
+"""The `gprl` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import yaml
+
+from gprl.config import ConfigError, RunSpec, add_config_flags, apply_config_flags, dump_config, parse_config
+
+
+def _load_raw(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror}"], path) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], path) from None
+    if isinstance(raw, dict) and raw.get("kind") == "GPRLRun":
+        raw = {k: v for k, v in (raw.get("spec") or {}).items() if k != "suspend"}
+    return raw
+
+
+def cmd_train(args) -> int:
+    from gprl.trainer import Trainer
+
+    spec = parse_config(apply_config_flags(_load_raw(args.config), args), args.config)
+    Trainer(spec).train()
+    return 0
+
+
+def cmd_config(args) -> int:
+    if args.schema:
+        print(json.dumps(RunSpec.model_json_schema(by_alias=True), indent=2))
+    else:
+        spec = parse_config(apply_config_flags(_load_raw(args.config), args), args.config)
+        sys.stdout.write(dump_config(spec))
+    return 0
+
+
+def cmd_gpm_train(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from gprl.gpm import GeneralPreferenceModel, GPMConfig, load_pairs, train_gpm
+
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.backbone)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    chat = (lambda m: tok.apply_chat_template(m, tokenize=False)) if getattr(tok, "chat_template", None) else None
+    train = load_pairs(args.data, chat_template=chat)
+    evals = load_pairs(args.eval_data, chat_template=chat) if args.eval_data else []
+    model = GeneralPreferenceModel.from_backbone(args.backbone, GPMConfig(axes=args.axes, beta=args.beta))
+    res = train_gpm(model, tok, train, evals, epochs=args.epochs, batch_size=args.batch_size,
+                    learning_rate=args.learning_rate, margin=args.margin, seed=args.seed, log=print)
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    print(json.dumps({"out": args.out, "train_loss": res.train_loss, "eval_accuracy": res.eval_accuracy}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gprl.evaluate import gpm_win_rate, oracle_win_rate, sample
+    from gprl.gpm import GeneralPreferenceModel
+    from gprl.sources import resolve_sources
+
+    raw = {"model": {"policy": args.policy, "reference": args.reference}, "gpm": {"path": args.gpm},
+           "data": {"prompts": args.prompts}}
+    spec = parse_config(raw)
+    src = resolve_sources(spec)
+    tok = AutoTokenizer.from_pretrained(src.policy)
+    policy = AutoModelForCausalLM.from_pretrained(src.policy)
+    reference = AutoModelForCausalLM.from_pretrained(src.reference)
+    gpm = GeneralPreferenceModel.from_pretrained(src.gpm).eval()
+    from gprl.data import load_prompts
+
+    prompts = src.heldout_prompts or load_prompts(spec.data, tok)
+    prompts = prompts[: args.num_prompts]
+    rep, mine = sample(policy, tok, prompts, args.samples, args.max_new_tokens, 1.0, args.seed)
+    _, ref = sample(reference, tok, prompts, args.samples, args.max_new_tokens, 1.0, args.seed + 1)
+    result = {"prompts": len(prompts), "samples": len(rep), "gpm_win_rate": gpm_win_rate(gpm, tok, rep, mine, ref)}
+    if src.oracle is not None:
+        result["oracle_win_rate"] = oracle_win_rate(src.oracle, rep, mine, ref)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from gprl.demo import demo
+
+    demo(args.out, steps=args.steps)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from gprl.report import write_report
+
+    print(write_report(args.run_dir) / "summary.md")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gprl", description="General Preference Reinforcement Learning")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run GPRL training from a config file (YAML, or a GPRLRun manifest)")
+    t.add_argument("--config", "-c", help="run config (YAML); flags below override it")
+    add_config_flags(t)
+    t.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="print the validated config (defaults filled in), or the JSON schema")
+    c.add_argument("--config", "-c")
+    c.add_argument("--schema", action="store_true", help="print the JSON schema of the run config")
+    add_config_flags(c)
+    c.set_defaults(func=cmd_config)
+
+    g = sub.add_parser("gpm", help="General Preference Model tools")
+    gsub = g.add_subparsers(dest="gpm_command", required=True)
+    gt = gsub.add_parser("train", help="train a GPM on preference pairs (JSONL or hf:<dataset>)")
+    gt.add_argument("--data", required=True)
+    gt.add_argument("--eval-data")
+    gt.add_argument("--backbone", required=True, help="local HF model folder (causal LM or encoder)")
+    gt.add_argument("--out", required=True)
+    gt.add_argument("--axes", type=int, default=3, help="k (1 = Bradley-Terry)")
+    gt.add_argument("--beta", type=float, default=0.1)
+    gt.add_argument("--margin", type=float, default=0.0)
+    gt.add_argument("--epochs", type=int, default=2)
+    gt.add_argument("--batch-size", type=int, default=32)
+    gt.add_argument("--learning-rate", type=float, default=3e-4)
+    gt.add_argument("--seed", type=int, default=0)
+    gt.set_defaults(func=cmd_gpm_train)
+
+    e = sub.add_parser("eval", help="win rate of a policy against a reference policy under a GPM (and the oracle)")
+    e.add_argument("--policy", required=True)
+    e.add_argument("--reference", default="world:policy")
+    e.add_argument("--gpm", default="world:gpm")
+    e.add_argument("--prompts", default="world:prompts")
+    e.add_argument("--num-prompts", type=int, default=128)
+    e.add_argument("--samples", type=int, default=2)
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="the synthetic world end to end: GPRL vs GRPO with a Bradley-Terry model")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo's budget)")
+    d.set_defaults(func=cmd_demo)
+
+    r = sub.add_parser("report", help="(re)write the plots and summary of a run folder")
+    r.add_argument("run_dir")
+    r.set_defaults(func=cmd_report)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"gprl: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"gprl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Win rate of a policy against a reference policy: under a GPM, and under the oracle in the synthetic world."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from gprl.gpm import GeneralPreferenceModel
+from gprl.gpm.training import pair_scores
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float, seed: int,
+           batch_size: int = 256) -> tuple[list[str], list[str]]:
+    """n sampled responses per prompt; returns (prompts repeated, responses). Seeded, restores the global RNG."""
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    rep = [p for p in prompts for _ in range(n)]
+    out: list[str] = []
+    try:
+        for start in range(0, len(rep), batch_size):
+            chunk = rep[start : start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(
+                **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            out.extend(" ".join(t.split()) for t in texts)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+        torch.set_rng_state(rng_state)
+    return rep, out
+
+
+@torch.no_grad()
+def gpm_win_rate(gpm: GeneralPreferenceModel, tokenizer, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
+    """Mean P_GPM(a ≻ b | x) = σ(s(a, b) / β)."""
+    out_a = gpm.score(tokenizer, prompts, a)
+    out_b = gpm.score(tokenizer, prompts, b)
+    s = pair_scores(out_a, type(out_b)(out_b.embeddings, out_a.eigenvalues))
+    return float(torch.sigmoid(s / gpm.config.beta).mean())
+
+
+def oracle_win_rate(oracle, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
+    from gprl.world.oracle import win_rate
+
+    return float(win_rate(oracle, prompts, a, b))

@@ -1,0 +1,144 @@
+"""The clipped policy update on plain torch: micro-batches, gradient accumulation, clipping, lr schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gprl.algo import policy_loss
+from gprl.algo.drift import Control
+from gprl.config import RunSpec
+from gprl.rollout.base import RolloutBatch
+
+
+def sequence_logprobs(model, batch: RolloutBatch, rows: slice, temperature: float, with_entropy: bool = False):
+    """Per-token log-probs (and entropies) of the response tokens in rows of the batch. Returns (n, T) tensors."""
+    ids = batch.sequences[rows]
+    mask = batch.attention_mask[rows]
+    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # left padding: positions as in generation
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    logits = logits[:, batch.prompt_width - 1 : -1].float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    taken = logprobs.gather(-1, batch.response_ids[rows].unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return taken, None
+    with torch.no_grad():
+        entropy = -(logprobs.exp() * logprobs).sum(-1)
+    return taken, entropy
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+@dataclass
+class UpdateStats:
+    loss: float
+    policy_loss: float
+    kl: float
+    clip_fraction: float
+    entropy: float
+    grad_norm: float
+    learning_rate: float
+
+
+class TorchLearner:
+    def __init__(self, policy, reference, spec: RunSpec):
+        self.policy = policy
+        self.reference = reference  # None with LoRA: the base model with adapters off is the reference
+        self.spec = spec
+        algo = spec.algo
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=algo.learning_rate, weight_decay=algo.weight_decay)
+        warmup = int(algo.warmup_ratio * algo.steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda t: lr_factor(t, algo.steps, warmup, algo.lr_schedule)
+        )
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model_or_none, batch: RolloutBatch) -> Tensor:
+        temp = self.spec.rollout.temperature
+        out = []
+        for rows in self._micro_batches(batch):
+            if model_or_none is None:
+                with self.policy.disable_adapter():
+                    out.append(sequence_logprobs(self.policy, batch, rows, temp)[0])
+            else:
+                out.append(sequence_logprobs(model_or_none, batch, rows, temp)[0])
+        return torch.cat(out)
+
+    def _micro_batches(self, batch: RolloutBatch):
+        n, size = batch.sequences.shape[0], self.spec.algo.micro_batch_size
+        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+    def reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
+        if self.spec.algo.kl_coef == 0 and self.spec.drift.mode == "off":
+            return None  # nothing can turn the KL term on
+        return self._frozen_logprobs(self.reference, batch)
+
+    def update(self, batch: RolloutBatch, advantages: Tensor, control: Control) -> UpdateStats:
+        """epochs_per_batch optimizer steps over the batch, each accumulated over micro-batches."""
+        algo, temp = self.spec.algo, self.spec.rollout.temperature
+        self.policy.train()
+        ref_logp = self.reference_logprobs(batch)
+        # With one pass the sampling policy is the current one: the ratio is exactly 1 and the old
+        # log-probs are the current ones, detached — no extra forward pass (as TRL does).
+        old_logp = batch.old_logp
+        if old_logp is None and algo.epochs_per_batch > 1:
+            old_logp = self._frozen_logprobs(self.policy, batch)
+        mask = batch.response_mask.float()
+        total_tokens = mask.sum().clamp_min(1.0)
+        n = mask.shape[0]
+        sums = dict(loss=0.0, policy_loss=0.0, kl=0.0, clip_fraction=0.0, entropy=0.0)
+        grad_norm = 0.0
+        for _ in range(algo.epochs_per_batch):
+            self.optimizer.zero_grad(set_to_none=True)
+            for rows in self._micro_batches(batch):
+                logp, entropy = sequence_logprobs(self.policy, batch, rows, temp, with_entropy=True)
+                old = logp.detach() if old_logp is None else old_logp[rows]
+                stats = policy_loss(
+                    logp,
+                    old,
+                    None if ref_logp is None else ref_logp[rows],
+                    advantages[rows],
+                    mask[rows],
+                    eps_low=control.eps_low,
+                    eps_high=control.eps_high,
+                    kl_coef=control.kl_coef,
+                    kl_estimator=algo.kl_estimator,
+                    aggregation=algo.loss_aggregation,
+                )
+                # Weight so that the accumulated gradient is that of the whole batch.
+                share = (
+                    float(mask[rows].sum() / total_tokens)
+                    if algo.loss_aggregation == "token_mean"
+                    else (rows.stop - rows.start) / n
+                )
+                (stats.loss * share).backward()
+                for key in ("policy_loss", "kl", "clip_fraction"):
+                    sums[key] += getattr(stats, key) * share / algo.epochs_per_batch
+                sums["loss"] += stats.loss.item() * share / algo.epochs_per_batch
+                sums["entropy"] += float((entropy * mask[rows]).sum() / total_tokens) / algo.epochs_per_batch
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm))
+            self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.policy.eval()
+        return UpdateStats(grad_norm=grad_norm, learning_rate=lr, **sums)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])

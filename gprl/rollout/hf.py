@@ -1,0 +1,80 @@
+"""HF transformers generation, in the learner's process (the default backend, runs on CPU)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from gprl.config import RolloutSpec
+from gprl.rollout.base import RolloutBatch
+
+
+class HFRollout:
+    def __init__(self, model, tokenizer, spec: RolloutSpec, max_prompt_tokens: int = 256):
+        self.model = model  # shares the learner's weights: nothing to sync
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.max_prompt_tokens = max_prompt_tokens
+        self.version = 0
+
+    def sync_weights(self, policy, version: int) -> None:
+        self.version = version
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], group_size: int) -> RolloutBatch:
+        tok = self.tokenizer
+        side, tok.padding_side = tok.padding_side, "left"
+        trunc_side, tok.truncation_side = tok.truncation_side, "left"
+        try:
+            enc = tok(
+                list(prompts),
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_prompt_tokens,
+                add_special_tokens=False,
+            )
+        finally:
+            tok.padding_side, tok.truncation_side = side, trunc_side
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        out = self.model.generate(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            do_sample=True,
+            temperature=self.spec.temperature,
+            top_p=self.spec.top_p,
+            top_k=self.spec.top_k,
+            max_new_tokens=self.spec.max_new_tokens,
+            num_return_sequences=group_size,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        self.model.train(was_training)
+        width = enc["input_ids"].shape[1]
+        response = out[:, width:]
+        response_mask = _until_eos(response, tok.eos_token_id)
+        response = torch.where(response_mask.bool(), response, torch.full_like(response, tok.pad_token_id))
+        prompt_mask = enc["attention_mask"].to(device).repeat_interleave(group_size, dim=0)
+        texts = tok.batch_decode(response, skip_special_tokens=True)
+        return RolloutBatch(
+            prompts=[p for p in prompts for _ in range(group_size)],
+            responses=[" ".join(t.split()) for t in texts],
+            sequences=torch.cat([out[:, :width], response], dim=1),
+            attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
+            response_mask=response_mask,
+            prompt_width=width,
+            group_size=group_size,
+            policy_version=self.version,
+        )
+
+
+def _until_eos(response: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """1 on tokens up to and including the first eos; (N, T) ints."""
+    if eos_id is None:
+        return torch.ones_like(response)
+    is_eos = (response == eos_id).int()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return (~after_eos).long()
