@@ -18,15 +18,16 @@ from typing import Callable
 
 import torch
 
+from gprl import distributed as gdist
 from gprl.algo import DriftMonitor, advantages, axis_variance
 from gprl.algo.drift import Control
 from gprl.checkpoint import atomic_dir
 from gprl.config import RunSpec, atomic_write_text, dump_config, parse_config
 from gprl.data import PromptSampler, load_prompts
 from gprl.gpm import GeneralPreferenceModel
-from gprl.learner import TorchLearner
+from gprl.learner import make_learner
 from gprl.metrics import TrainerMetrics
-from gprl.rollout import HFRollout
+from gprl.rollout import make_rollout
 from gprl.sources import Sources, resolve_sources
 
 # Fields a checkpoint must agree on with the config that resumes it. Others (steps, learning rate,
@@ -115,26 +116,51 @@ class Trainer:
         self.policy = policy.eval()
         self.reference = reference
 
-        self.gpm = GeneralPreferenceModel.from_pretrained(src.gpm).eval().requires_grad_(False)
+        if spec.gpm.server_url:
+            # Disaggregated scoring: a `gprl serve-gpm` server holds the GPM (and its tokenizer).
+            from gprl.serving.gpm_client import GPMClient
+
+            self.gpm = GPMClient(spec.gpm.server_url)
+            self.gpm_tokenizer = None
+            gpm_where = spec.gpm.server_url
+        else:
+            self.gpm = GeneralPreferenceModel.from_pretrained(src.gpm).eval().requires_grad_(False)
+            gpm_tok_path = src.gpm if Path(src.gpm, "tokenizer_config.json").exists() else src.policy
+            self.gpm_tokenizer = AutoTokenizer.from_pretrained(gpm_tok_path)
+            gpm_where = src.gpm
         if self.gpm.config.axes != spec.gpm.axes:
             raise ValueError(
-                f"gpm.axes is {spec.gpm.axes} but the GPM at {src.gpm} has k = {self.gpm.config.axes}; "
+                f"gpm.axes is {spec.gpm.axes} but the GPM at {gpm_where} has k = {self.gpm.config.axes}; "
                 f"set gpm.axes: {self.gpm.config.axes}"
             )
-        gpm_tok_path = src.gpm if Path(src.gpm, "tokenizer_config.json").exists() else src.policy
-        self.gpm_tokenizer = AutoTokenizer.from_pretrained(gpm_tok_path)
 
         prompts = load_prompts(spec.data, self.tokenizer, spec.model.chat_template, src.train_prompts)
         self.sampler = PromptSampler(prompts, spec.seed, spec.data.shuffle)
-        self.rollout = HFRollout(self.policy, self.tokenizer, spec.rollout, spec.data.max_prompt_tokens)
-        self.learner = TorchLearner(self.policy, self.reference, spec)
+        # The learner first: a DeepSpeed learner starts the process group (multi-rank runs under torchrun or an
+        # indexed Job). Each rank takes a contiguous share of every step's prompts (whole groups).
+        self.learner = make_learner(self.policy, self.reference, spec)
+        self.rank, self.world = gdist.rank(), gdist.world_size()
+        if self.world > 1 and spec.learner.backend != "deepspeed":
+            raise ValueError(f"{self.world} ranks need learner.backend: deepspeed (the torch learner is single-process)")
+        if spec.algo.prompts_per_step % self.world:
+            raise ValueError(
+                f"algo.prompts_per_step ({spec.algo.prompts_per_step}) must be a multiple of the number of learner "
+                f"ranks ({self.world})"
+            )
+        self.rollout = make_rollout(spec, self.policy, self.tokenizer, learner=self.learner)
         k = spec.gpm.axes
         self.monitor = DriftMonitor(spec.drift, k, spec.algo.kl_coef, spec.algo.eps_low, spec.algo.eps_high)
         self.control: Control = self.monitor.control
+        # drift.mode operator: statistics go to the GPRLRun status and control comes back from the operator.
+        self.channel = None
+        if spec.drift.mode == "operator":
+            from gprl.control import open_channel
+
+            self.channel = open_channel(spec, self.control)
         self.step = 0
         self.policy_version = 0
         self.metrics = TrainerMetrics(run=os.environ.get("GPRL_RUN_NAME", self.out.name))
-        if spec.output.metrics_port:
+        if spec.output.metrics_port and self.rank == 0:
             self.metrics.serve(spec.output.metrics_port)
 
     # ------------------------------------------------------------------ one step
@@ -143,9 +169,18 @@ class Trainer:
         spec, algo = self.spec, self.spec.algo
         timer = StepTimer()
         t0 = time.perf_counter()
+        if self.channel is not None:
+            # Step boundary: a control decided outside (the operator) takes effect here.
+            new = self.channel.poll() if self.rank == 0 else None
+            new = gdist.broadcast_object(new)  # every rank applies the same control at the same step
+            if new is not None:
+                self.control = new
         control = self.control  # fixed for the whole step
         with timer("generate"):
-            prompts = self.sampler.next(algo.prompts_per_step)
+            prompts = self.sampler.next(algo.prompts_per_step)  # same draw on every rank; each takes its share
+            if self.world > 1:
+                per = len(prompts) // self.world
+                prompts = prompts[self.rank * per : (self.rank + 1) * per]
             batch = self.rollout.generate(prompts, algo.group_size)
         with timer("score"):
             out = self.gpm.score(self.gpm_tokenizer, batch.prompts, batch.responses, batch_size=spec.gpm.batch_size)
@@ -155,6 +190,16 @@ class Trainer:
             lam = out.eigenvalues.view(-1, G, k)[:, 0]
             adv, scores = advantages(v, lam, torch.tensor(control.weights), algo.normalization, algo.std_eps)
             axis_var = axis_variance(scores)
+            lengths = batch.response_mask.sum(dim=1).float()
+            # Statistics of the whole step (all ranks; equal shares, so the mean of rank means is the global
+            # mean): every rank feeds the same axis variances to its monitor and gets the same control.
+            summary = gdist.all_reduce_mean(
+                torch.cat([axis_var.float(), lam.float().mean(dim=0), torch.stack([
+                    lengths.mean(), adv.abs().mean().float(), torch.tensor(float(batch.num_tokens))])])
+            )
+            axis_var, lam_mean = summary[:k].float(), summary[k : 2 * k].float()
+            length_mean, adv_abs_mean, tokens = (float(x) for x in summary[2 * k :])
+            tokens = int(round(tokens * self.world))
         with timer("update"):
             stats = self.learner.update(batch, adv.detach().reshape(-1), control)
             self.policy_version += 1
@@ -164,11 +209,11 @@ class Trainer:
                 self.control = self.monitor.update(axis_var.tolist())
             state = self.monitor.state
         self.step += 1
-        lengths = batch.response_mask.sum(dim=1).float()
         elapsed = time.perf_counter() - t0
         rec = {
             "step": self.step,
             "policy_version": self.policy_version,
+            "world_size": self.world,
             "loss": stats.loss,
             "policy_loss": stats.policy_loss,
             "kl": stats.kl,
@@ -176,12 +221,12 @@ class Trainer:
             "entropy": stats.entropy,
             "grad_norm": stats.grad_norm,
             "learning_rate": stats.learning_rate,
-            "response_length": float(lengths.mean()),
-            "tokens": batch.num_tokens,
-            "tokens_per_second": batch.num_tokens / elapsed,
-            "advantage_abs_mean": float(adv.abs().mean()),
+            "response_length": length_mean,
+            "tokens": tokens,
+            "tokens_per_second": tokens / elapsed,
+            "advantage_abs_mean": adv_abs_mean,
             "axis_variance": axis_var.tolist(),
-            "eigenvalues": lam.mean(dim=0).tolist(),
+            "eigenvalues": lam_mean.tolist(),
             "spectrum": state.spectrum,
             "spectrum_baseline": state.baseline,
             "divergence": state.divergence,
@@ -234,28 +279,36 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def train(self) -> list[dict]:
-        spec = self.spec
+        # Every rank runs the loop (rollouts, updates, evaluations and checkpoints are collective under DeepSpeed);
+        # only rank 0 writes the config, the logs, the metrics and the report.
+        spec, lead = self.spec, self.rank == 0
         self.out.mkdir(parents=True, exist_ok=True)
         if spec.checkpoint.resume:
             self.resume()
-        dump_config(spec, self.out / "config.yaml")
         log_path = self.out / "steps.jsonl"
-        self._truncate_log(log_path)
-        self._truncate_log(self.out / "evals.jsonl")
+        if lead:
+            dump_config(spec, self.out / "config.yaml")
+            self._truncate_log(log_path)
+            self._truncate_log(self.out / "evals.jsonl")
         if self.step == 0 and spec.output.eval_every:
-            self._append(self.out / "evals.jsonl", self.evaluate())
+            rec = self.evaluate()
+            if lead:
+                self._append(self.out / "evals.jsonl", rec)
         bar = None
-        if spec.output.progress:
+        if spec.output.progress and lead:
             from tqdm import tqdm
 
             bar = tqdm(total=spec.algo.steps, initial=self.step, desc="gprl", unit="step", dynamic_ncols=True)
         records = []
-        with open(log_path, "a") as fh:
+        with open(log_path if lead else os.devnull, "a") as fh:
             while self.step < spec.algo.steps:
                 rec = self.train_step()
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()
-                self.metrics.record(rec)
+                if lead:
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                    self.metrics.record(rec)
+                    if self.channel is not None:
+                        self.channel.report(rec)
                 records.append(rec)
                 if bar is not None:
                     bar.update(1)
@@ -265,12 +318,14 @@ class Trainer:
                     )
                 every = spec.output.eval_every
                 if (every and self.step % every == 0) or self.step == spec.algo.steps:
-                    self._append(self.out / "evals.jsonl", self.evaluate())
+                    rec = self.evaluate()  # same prompts and seeds on every rank: safe under ZeRO-3
+                    if lead:
+                        self._append(self.out / "evals.jsonl", rec)
                 if self.step % spec.checkpoint.every_steps == 0 or self.step == spec.algo.steps:
                     self.save_checkpoint()
         if bar is not None:
             bar.close()
-        if spec.output.report:
+        if spec.output.report and lead:
             from gprl.report import write_report
 
             write_report(self.out)
@@ -294,25 +349,58 @@ class Trainer:
     def checkpoint_root(self) -> Path:
         return self.out / "checkpoints"
 
+    def _trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "policy_version": self.policy_version,
+            "learner": self.learner.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "control": self.control.to_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+        }
+
     def save_checkpoint(self) -> Path:
+        if hasattr(self.learner, "save"):
+            return self._save_sharded_checkpoint()
         path = self.checkpoint_root / f"step-{self.step:08d}"
         with atomic_dir(path) as tmp:
             self.policy.save_pretrained(tmp / "policy")
-            torch.save(
-                {
-                    "step": self.step,
-                    "policy_version": self.policy_version,
-                    "learner": self.learner.state_dict(),
-                    "monitor": self.monitor.state_dict(),
-                    "control": self.control.to_dict(),
-                    "sampler": self.sampler.state_dict(),
-                    "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-                },
-                tmp / "trainer_state.pt",
-            )
+            torch.save(self._trainer_state(), tmp / "trainer_state.pt")
             dump_config(self.spec, tmp / "config.yaml")
         for old in sorted(self.checkpoint_root.glob("step-*"))[: -self.spec.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def _save_sharded_checkpoint(self) -> Path:
+        """A DeepSpeed learner's checkpoint: every rank writes its shard into one folder (a volume all ranks
+        share), rank 0 adds the trainer state last and renames the folder into place. Layout:
+        learner/ (DeepSpeed: model + partitioned optimizer), rng-rank<r>.pt, trainer_state.pt, config.yaml, and in
+        the final checkpoint policy/ (a plain Hugging Face export)."""
+        path = self.checkpoint_root / f"step-{self.step:08d}"
+        tmp = self.checkpoint_root / f".step-{self.step:08d}.partial"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        gdist.barrier()
+        self.learner.save(tmp / "learner")
+        if self.step >= self.spec.algo.steps:
+            self.learner.export_pretrained(tmp / "policy")
+        torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, tmp / f"rng-rank{self.rank}.pt")
+        gdist.barrier()
+        if self.rank == 0:
+            torch.save(self._trainer_state(), tmp / "trainer_state.pt")
+            dump_config(self.spec, tmp / "config.yaml")
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+            for old in sorted(self.checkpoint_root.glob("step-*"))[: -self.spec.checkpoint.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        gdist.barrier()
         return path
 
     def latest_checkpoint(self) -> Path | None:
@@ -333,15 +421,24 @@ class Trainer:
                 + "\n  ".join(diff)
                 + f"\nUse the original values, or a new output.dir to start a fresh run."
             )
-        self._load_policy_weights(path / "policy")
         state = torch.load(path / "trainer_state.pt", weights_only=False)
+        if hasattr(self.learner, "load"):
+            saved_world = state["learner"].get("world_size", self.world)
+            if saved_world != self.world:
+                raise CheckpointMismatch(f"checkpoint {path} was written by {saved_world} ranks, this run has {self.world}")
+            self.learner.load(path / "learner")  # model weights and optimizer shards (collective)
+        else:
+            self._load_policy_weights(path / "policy")
         self.step, self.policy_version = state["step"], state["policy_version"]
         self.learner.load_state_dict(state["learner"])
         self.monitor.load_state_dict(state["monitor"])
         self.control = Control(**state["control"])
         self.sampler.load_state_dict(state["sampler"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
+        rng = state["rng"]
+        if (path / f"rng-rank{self.rank}.pt").exists():
+            rng = torch.load(path / f"rng-rank{self.rank}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
         self.rollout.sync_weights(self.policy, self.policy_version)
         self.log(f"resumed from {path} at step {self.step}")
         return True
