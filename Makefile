@@ -1,7 +1,7 @@
 # The two commands of the README. Both set themselves up on a fresh machine.
 VENV = $(shell scripts/bootstrap.sh)
 
-.PHONY: demo test test-fast
+.PHONY: demo test test-fast k8s-tools dev-cluster
 demo:            ## the main job: a local GPRL run on CPU in the synthetic preference world
 	$(VENV)/bin/gprl demo
 
@@ -9,4 +9,10 @@ test:            ## every test tier that runs on this machine (installs what it 
 	scripts/test.sh
 
 test-fast:       ## the fast tier only (no cluster, no slow runs)
-	scripts/test.sh -m "not slow and not cluster and not vllm and not deepspeed"
+	GPRL_FAST=1 scripts/test.sh -m "not slow and not cluster and not vllm and not deepspeed"
+
+k8s-tools:       ## build/install kube-apiserver, controller-manager, scheduler, kwok, etcd, helm, promtool (cached)
+	scripts/install-k8s-tools.sh
+
+dev-cluster: k8s-tools  ## a local control plane with fake GPU nodes, for trying the operator with kubectl
+	$(VENV)/bin/gprl dev-cluster

@@ -107,6 +107,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_dev_cluster(args) -> int:
+    from gprl.devcluster import run_dev_cluster
+
+    run_dev_cluster(args.workdir, args.nodes, args.gpus_per_node)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gprl", description="General Preference Reinforcement Learning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -158,10 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
 
+    # Servers of the disaggregated topology; they parse their own flags (`gprl serve-gpm --help`), see main().
+    sub.add_parser("serve-gpm", help="GPM scoring server (batched; embeddings and eigenvalues over HTTP)", add_help=False)
+    sub.add_parser("serve-rollout", help="vLLM rollout server with a weight-update endpoint", add_help=False)
+
     return p
 
 
+def _serve(name: str, argv: list[str]) -> int:
+    if name == "serve-gpm":
+        from gprl.serving.gpm_server import serve_gpm_main
+
+        return serve_gpm_main(argv)
+    from gprl.serving.rollout_server import serve_rollout_main
+
+    return serve_rollout_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("serve-gpm", "serve-rollout"):
+        return _serve(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
