@@ -114,6 +114,18 @@ def cmd_dev_cluster(args) -> int:
     return 0
 
 
+def cmd_crd(args) -> int:
+    from gprl.crd import main as crd_main
+
+    return crd_main(args.crd_args) or 0
+
+
+def cmd_operator(args) -> int:
+    from gprl_operator.__main__ import main as operator_main
+
+    return operator_main(args.operator_args) or 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gprl", description="General Preference Reinforcement Learning")
     sub = p.add_subparsers(dest="command", required=True)

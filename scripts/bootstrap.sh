@@ -12,11 +12,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 stamp="$venv/.gprl-stamp"
-want=$(cat "$here/pyproject.toml" | sha256sum | cut -c1-16)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$venv/bin/python" -c "import gprl" 2>/dev/null; then
+want=$(cat "$here/pyproject.toml" "$here/operator/pyproject.toml" | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$venv/bin/python" -c "import gprl, gprl_operator" 2>/dev/null; then
   echo "[bootstrap] installing gprl and its dependencies (first time: several minutes, torch is large)" >&2
   "$venv/bin/pip" install -q --upgrade pip >&2
   "$venv/bin/pip" install -q -e "$here[dev]" >&2
+  "$venv/bin/pip" install -q --no-deps -e "$here/operator" >&2
   echo "$want" > "$stamp"
 fi
 echo "$venv"

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
-from gprl.algo.advantages import pairwise_axis_scores, pairwise_scores
+from gprl.algo.per_axis import pairwise_axis_scores, pairwise_scores
 
 HEADS_FILE = "gpm_heads.safetensors"
 CONFIG_FILE = "gpm_config.json"

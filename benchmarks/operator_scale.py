@@ -1,0 +1,182 @@
+"""Operator scale benchmark: apply N GPRLRuns at once to a local control plane and measure
+
+- time until every run has all its children and a reconciled status (observedGeneration, Ready=True);
+- the operator's peak RSS (VmHWM of its process);
+- API requests per run: counted in the operator (its own calls and kopf's, client side) and on the API server
+  (`apiserver_request_total`, every client: includes the benchmark's own creates/polls and the controller-manager).
+
+The control plane is the tests' one (gprl.devcluster.ControlPlane: etcd + kube-apiserver + kube-controller-manager);
+the operator runs as a process under the token of the Helm chart's ServiceAccount, exactly as in tests/cluster.
+
+    python benchmarks/operator_scale.py --runs 200 [--json out.json]
+
+Goal (issue 4): 200 runs reconciled within 60 s, operator under 250 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "operator"), str(ROOT / "tests" / "cluster")]
+
+from gprl.devcluster import ControlPlane  # noqa: E402
+from gprl_k8s_testlib import (  # noqa: E402
+    OPERATOR_NS,
+    OPERATOR_SA,
+    RUNS,
+    OperatorProcess,
+    condition,
+    create_run,
+    find_tool,
+    install_chart,
+)
+
+
+def apiserver_requests(cp) -> dict[str, float]:
+    """Sum of apiserver_request_total by verb."""
+    text = cp.request_raw("GET", "/metrics", token=cp.admin_token)[1]
+    out: dict[str, float] = {}
+    for line in text.splitlines() if isinstance(text, str) else []:
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        head, _, value = line.rpartition(" ")
+        verb = head.split('verb="', 1)[1].split('"', 1)[0]
+        out[verb] = out.get(verb, 0.0) + float(value)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--namespace", default="bench")
+    ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--json", default=None, help="write the results here too")
+    ap.add_argument("--create-threads", type=int, default=16)
+    ap.add_argument("--no-drift-loop", action="store_true",
+                    help="run the operator with GPRL_OPERATOR_DRIFT_LOOP=0 (reconcile handlers only)")
+    args = ap.parse_args(argv)
+    n = args.runs
+
+    with tempfile.TemporaryDirectory(prefix="gprl-bench-") as tmp, \
+            ControlPlane(controller_manager=True, scheduler=False) as cp:
+        helm = find_tool(cp, "helm")
+        if not helm:
+            raise SystemExit("helm not found (scripts/install-k8s-tools.sh)")
+        install_chart(cp, helm)
+        cp.ensure_namespace(args.namespace)
+        kc = cp.service_account_kubeconfig(OPERATOR_NS, OPERATOR_SA, create=False, expiration_seconds=7200)
+        env = {"GPRL_OPERATOR_DRIFT_LOOP": "0"} if args.no_drift_loop else {}
+        op = OperatorProcess(kc, Path(tmp), name="operator-bench", priority=1, extra_env=env).start()
+        time.sleep(2)  # let the initial listings and peering settle
+        rss_idle = op.rss_mb()
+        api_before = apiserver_requests(cp)
+        ops_before = op.metric("gprl_operator_api_requests_total")
+        kopf_before = op.metric("gprl_operator_api_requests_total", client="kopf")
+
+        peak = {"rss": 0.0}
+        stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                try:
+                    peak["rss"] = max(peak["rss"], op.rss_mb())
+                except OSError:
+                    pass
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+
+        names = [f"run-{i:04d}" for i in range(n)]
+        spec = {"resources": {"learnerReplicas": 1, "gpus": 1}}
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(args.create_threads) as pool:
+            results = list(pool.map(lambda nm: create_run(cp, args.namespace, nm, spec), names))
+        t_created = time.monotonic() - t0
+        bad = [r for r in results if r[0] != 201]
+        if bad:
+            raise SystemExit(f"{len(bad)} creates failed, first: {bad[0]}")
+
+        ready_at: dict[str, float] = {}
+        polls = 0
+        while len(ready_at) < n and time.monotonic() - t0 < args.timeout:
+            body = cp.request("GET", f"{RUNS}/namespaces/{args.namespace}/gprlruns")
+            polls += 1
+            now = time.monotonic() - t0
+            for run in body["items"]:
+                nm = run["metadata"]["name"]
+                if nm in ready_at:
+                    continue
+                st = run.get("status") or {}
+                if st.get("observedGeneration") == 1 and condition(run, "Ready").get("status") == "True":
+                    ready_at[nm] = now
+            time.sleep(0.25)
+        t_status = max(ready_at.values()) if len(ready_at) == n else float("nan")
+
+        # every child present, exactly once
+        want = {"configmaps": 1, "serviceaccounts": 1, "roles": 1, "rolebindings": 1,
+                "persistentvolumeclaims": 1, "services": 2, "jobs": 1}
+        from gprl_k8s_testlib import CHILD_KINDS
+
+        totals = {}
+        for plural, base in CHILD_KINDS.items():
+            items = cp.request("GET", f"{base}/namespaces/{args.namespace}/{plural}?labelSelector=gprl.dev%2Frun")[
+                "items"]
+            totals[plural] = len(items)
+        children_ok = all(totals[k] == want[k] * n for k in want)
+        t_children = time.monotonic() - t0
+
+        time.sleep(3)  # let trailing Job events settle into the counters
+        stop.set()
+        sampler.join()
+        api_after = apiserver_requests(cp)
+        ops_after = op.metric("gprl_operator_api_requests_total")
+        kopf_after = op.metric("gprl_operator_api_requests_total", client="kopf")
+        hwm = op.peak_rss_mb()
+        torch_loaded = "torch" in Path(f"/proc/{op.proc.pid}/maps").read_text()
+        reconcile_p = sorted(ready_at.values())
+        op.stop()
+
+    api_delta = sum(api_after.values()) - sum(api_before.values())
+    own = n + polls + 2 * len(want)  # the benchmark's creates, polls and final lists
+    res = {
+        "runs": n,
+        "created_s": round(t_created, 2),
+        "all_reconciled_s": round(t_status, 2),
+        "p50_reconciled_s": round(reconcile_p[len(reconcile_p) // 2], 2) if reconcile_p else None,
+        "p95_reconciled_s": round(reconcile_p[int(len(reconcile_p) * 0.95) - 1], 2) if reconcile_p else None,
+        "children_exactly_once": children_ok,
+        "children_checked_at_s": round(t_children, 2),
+        "child_totals": totals,
+        "operator_rss_idle_mb": round(rss_idle, 1),
+        "operator_rss_peak_mb": round(max(hwm, peak["rss"]), 1),
+        "operator_requests_per_run": round((ops_after - ops_before) / n, 2),
+        "operator_requests_per_run_kopf": round((kopf_after - kopf_before) / n, 2),
+        "apiserver_requests_per_run_all_clients": round(api_delta / n, 2),
+        "apiserver_requests_per_run_excluding_benchmark": round((api_delta - own) / n, 2),
+        "apiserver_requests_by_verb": {k: api_after.get(k, 0) - api_before.get(k, 0) for k in sorted(api_after)},
+        "drift_loop": not args.no_drift_loop,
+        "torch_imported_by_operator": torch_loaded,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_implementation()} "
+                   f"{platform.python_version()}",
+    }
+    print(json.dumps(res, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    ok = children_ok and t_status <= 60 and res["operator_rss_peak_mb"] < 250
+    print(f"goal (all {n} reconciled <= 60 s, operator < 250 MB): {'met' if ok else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

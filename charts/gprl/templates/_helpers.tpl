@@ -1,0 +1,71 @@
+{{- define "gprl.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "gprl.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains (include "gprl.name" .) .Release.Name -}}
+{{- printf "%s-operator" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s-operator" .Release.Name (include "gprl.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "gprl.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "gprl.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gprl
+{{- end -}}
+
+{{- define "gprl.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gprl.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "gprl.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "gprl.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Rules on namespaced resources: what the operator needs to run GPRLRuns (granted cluster-wide or per namespace). */}}
+{{- define "gprl.namespacedRules" -}}
+# the runs: watch, kopf's bookkeeping annotations, status
+- apiGroups: ["gprl.dev"]
+  resources: ["gprlruns"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["gprl.dev"]
+  resources: ["gprlruns/status"]
+  verbs: ["get", "patch"]
+# owner references with blockOwnerDeletion (OwnerReferencesPermissionEnforcement)
+- apiGroups: ["gprl.dev"]
+  resources: ["gprlruns/finalizers"]
+  verbs: ["update"]
+# children, created and updated by server-side apply; deleted by the garbage collector through owner references
+- apiGroups: [""]
+  resources: ["configmaps", "services", "serviceaccounts", "persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# pod failures of the runs' Jobs show in the runs' conditions
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# warnings and errors of the handlers as Events
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end -}}

@@ -1,0 +1,570 @@
+"""Pure functions from a GPRLRun to the Kubernetes objects that run it. No API calls here.
+
+`build_children(run)` returns, in apply order:
+
+    ConfigMap       <run>-config       the rendered run configuration (config.yaml)
+    ServiceAccount  <run>-trainer      identity of the job's pods
+    Role            <run>-trainer      get/list/watch its own GPRLRun, patch its status; nothing else
+    RoleBinding     <run>-trainer
+    PVC             <run>-checkpoints  unless spec.resources.checkpointClaim names an existing claim
+    Service         <run>              headless; pods are <run>-<index>.<run> (rendezvous, MASTER_ADDR)
+    Service         <run>-metrics      Prometheus metrics of the trainer pods
+    [disaggregated] Deployment+Service <run>-rollout, <run>-gpm
+    Job             <run>              indexed batch/v1 Job, one pod per learner rank
+
+Every object carries the run's labels and a controller owner reference to the run, so deleting the run
+garbage-collects them. `run_status(...)` computes the operator's part of the run's status from the Job.
+"""
+
+from __future__ import annotations
+
+import copy
+import posixpath
+from typing import Any, Optional
+
+import yaml
+
+from gprl.config import ConfigError, RunSpec, parse_config
+from gprl.crd import GROUP, KIND, VERSION
+
+API_VERSION = f"{GROUP}/{VERSION}"
+MANAGER = "gprl-operator"
+TRAINER_PORT_METRICS = 9400
+RDZV_PORT = 29500
+ROLLOUT_PORT = 8000
+GPM_PORT = 8001
+WORKDIR = "/workspace"
+CONFIG_DIR = "/etc/gprl"
+RUN_AS_USER = 1000
+
+# Operator-owned condition types (DriftDetected belongs to the drift loop).
+CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "PodFailed")
+
+
+class InvalidRun(ValueError):
+    """A GPRLRun whose spec does not validate (the CRD schema should have refused it)."""
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+
+
+def run_spec(run: dict) -> RunSpec:
+    raw = {k: v for k, v in (run.get("spec") or {}).items() if k != "suspend"}
+    try:
+        return parse_config(raw, f"GPRLRun {run['metadata'].get('namespace')}/{run['metadata']['name']}")
+    except ConfigError as exc:
+        raise InvalidRun(str(exc)) from None
+
+
+def labels(run: dict, component: str | None = None) -> dict[str, str]:
+    name = run["metadata"]["name"]
+    out = {
+        "app.kubernetes.io/name": "gprl",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": MANAGER,
+        "gprl.dev/run": name,
+    }
+    if component:
+        out["app.kubernetes.io/component"] = component
+    return out
+
+
+def owner_reference(run: dict) -> dict[str, Any]:
+    meta = run["metadata"]
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(run: dict, name: str, component: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": run["metadata"]["namespace"],
+        "labels": labels(run, component),
+        "ownerReferences": [owner_reference(run)],
+    }
+
+
+def names(run: dict) -> dict[str, str]:
+    n = run["metadata"]["name"]
+    return {
+        "config": f"{n}-config",
+        "account": f"{n}-trainer",
+        "claim": f"{n}-checkpoints",
+        "headless": n,
+        "metrics": f"{n}-metrics",
+        "job": n,
+        "rollout": f"{n}-rollout",
+        "gpm": f"{n}-gpm",
+    }
+
+
+def output_dir(spec: RunSpec) -> str:
+    d = spec.output.dir
+    return posixpath.normpath(d if posixpath.isabs(d) else posixpath.join(WORKDIR, d))
+
+
+def rendered_config(run: dict, spec: RunSpec | None = None) -> dict[str, Any]:
+    """The run config the pods read: the spec with every default filled in, plus the cluster's wiring."""
+    spec = run_spec(run) if spec is None else spec
+    cfg = spec.to_dict(camel=True)
+    ns, n = run["metadata"]["namespace"], names(run)
+    cfg["output"]["dir"] = output_dir(spec)
+    cfg["output"]["progress"] = False
+    if not cfg["output"]["metricsPort"]:
+        cfg["output"]["metricsPort"] = TRAINER_PORT_METRICS
+    if spec.resources.topology == "disaggregated":
+        cfg["rollout"]["serverUrls"] = [f"http://{n['rollout']}.{ns}.svc:{ROLLOUT_PORT}"]
+        cfg["gpm"]["serverUrl"] = f"http://{n['gpm']}.{ns}.svc:{GPM_PORT}"
+    return cfg
+
+
+def _resources(spec: RunSpec) -> dict[str, Any]:
+    r = spec.resources
+    requests = {"cpu": r.cpu, "memory": r.memory}
+    limits: dict[str, Any] = {"memory": r.memory}
+    if r.gpus:
+        requests["nvidia.com/gpu"] = str(r.gpus)
+        limits["nvidia.com/gpu"] = str(r.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _env(run: dict, spec: RunSpec, extra: list[dict] | None = None) -> list[dict[str, Any]]:
+    n = names(run)
+    env = [
+        {"name": "GPRL_CONFIG", "value": f"{CONFIG_DIR}/config.yaml"},
+        {"name": "GPRL_RUN_NAME", "value": run["metadata"]["name"]},
+        {"name": "GPRL_RUN_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "GPRL_RUN_UID", "value": run["metadata"]["uid"]},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "HOME", "value": "/home/gprl"},
+        {"name": "HF_HOME", "value": "/home/gprl/.cache/huggingface"},
+        {"name": "TMPDIR", "value": "/tmp"},
+    ]
+    if spec.resources.gpus == 0:
+        env.append({"name": "CUDA_VISIBLE_DEVICES", "value": ""})
+    return env + (extra or [])
+
+
+def _volumes(run: dict, spec: RunSpec, with_claim: bool) -> tuple[list[dict], list[dict]]:
+    n = names(run)
+    volumes = [
+        {"name": "config", "configMap": {"name": n["config"]}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "home", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "home", "mountPath": "/home/gprl"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if with_claim:
+        claim = spec.resources.checkpoint_claim or n["claim"]
+        volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "checkpoints", "mountPath": output_dir(spec)})
+    return volumes, mounts
+
+
+def _pod_spec(run: dict, spec: RunSpec, container: dict, *, with_claim: bool, account: bool) -> dict[str, Any]:
+    n = names(run)
+    volumes, mounts = _volumes(run, spec, with_claim)
+    container = {
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": WORKDIR,
+        "securityContext": _container_security(),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        **container,
+    }
+    if spec.resources.env_from_secrets:
+        container["envFrom"] = [{"secretRef": {"name": s}} for s in spec.resources.env_from_secrets]
+    pod: dict[str, Any] = {
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": account,
+    }
+    if account:
+        pod["serviceAccountName"] = n["account"]
+    if spec.resources.gpus:
+        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    node_selector = getattr(spec.resources, "node_selector", None)
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    tolerations = getattr(spec.resources, "tolerations", None)
+    if tolerations:
+        pod.setdefault("tolerations", []).extend(
+            t.model_dump(by_alias=True, exclude_none=True) if hasattr(t, "model_dump") else dict(t) for t in tolerations
+        )
+    return pod
+
+
+# --------------------------------------------------------------------------------------
+# the children
+
+
+def config_map(run: dict, spec: RunSpec) -> dict[str, Any]:
+    text = yaml.safe_dump(rendered_config(run, spec), sort_keys=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(run, names(run)["config"], "config"),
+        "data": {"config.yaml": text},
+    }
+
+
+def rbac(run: dict) -> list[dict[str, Any]]:
+    n = names(run)
+    meta = lambda name: _meta(run, name, "trainer")  # noqa: E731
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(n["account"]), "automountServiceAccountToken": False},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta(n["account"]),
+            "rules": [
+                {
+                    "apiGroups": [GROUP],
+                    "resources": ["gprlruns"],
+                    "resourceNames": [run["metadata"]["name"]],
+                    "verbs": ["get", "list", "watch"],
+                },
+                {
+                    "apiGroups": [GROUP],
+                    "resources": ["gprlruns/status"],
+                    "resourceNames": [run["metadata"]["name"]],
+                    "verbs": ["get", "patch"],
+                },
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta(n["account"]),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": n["account"]},
+            "subjects": [{"kind": "ServiceAccount", "name": n["account"], "namespace": run["metadata"]["namespace"]}],
+        },
+    ]
+
+
+def checkpoint_claim(run: dict, spec: RunSpec) -> Optional[dict[str, Any]]:
+    r = spec.resources
+    if r.checkpoint_claim:
+        return None
+    pvc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(run, names(run)["claim"], "checkpoints"),
+        "spec": {
+            # every learner rank mounts it; more than one pod needs a shared (RWX) volume
+            "accessModes": ["ReadWriteOnce" if r.learner_replicas == 1 else "ReadWriteMany"],
+            "resources": {"requests": {"storage": r.checkpoint_size}},
+        },
+    }
+    if r.storage_class:
+        pvc["spec"]["storageClassName"] = r.storage_class
+    return pvc
+
+
+def services(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
+    n = names(run)
+    selector = {"gprl.dev/run": run["metadata"]["name"], "app.kubernetes.io/component": "trainer"}
+    headless = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(run, n["headless"], "trainer"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector,
+            "publishNotReadyAddresses": True,  # ranks must resolve each other before they are Ready
+            "ports": [{"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
+        },
+    }
+    metrics_port = spec.output.metrics_port or TRAINER_PORT_METRICS
+    metrics = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            **_meta(run, n["metrics"], "metrics"),
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(metrics_port),
+                "prometheus.io/path": "/metrics",
+            },
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{"name": "metrics", "port": metrics_port, "targetPort": "metrics", "protocol": "TCP"}],
+        },
+    }
+    return [headless, metrics]
+
+
+def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
+    """Disaggregated topology: rollout (vLLM/HF) and GPM scoring servers, each behind a Service."""
+    if spec.resources.topology != "disaggregated":
+        return []
+    n, out = names(run), []
+    for role, port, replicas, command in (
+        ("rollout", ROLLOUT_PORT, spec.resources.rollout_replicas, "serve-rollout"),
+        ("gpm", GPM_PORT, spec.resources.gpm_replicas, "serve-gpm"),
+    ):
+        sel = {"gprl.dev/run": run["metadata"]["name"], "app.kubernetes.io/component": role}
+        container = {
+            "name": role,
+            "image": spec.resources.image,
+            "command": ["gprl", command, "--config", f"{CONFIG_DIR}/config.yaml", "--port", str(port)],
+            "env": _env(run, spec),
+            "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        }
+        out.append(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": _meta(run, n[role], role),
+                "spec": {
+                    "replicas": replicas,
+                    "selector": {"matchLabels": sel},
+                    "template": {
+                        "metadata": {"labels": labels(run, role)},
+                        "spec": _pod_spec(run, spec, container, with_claim=False, account=False),
+                    },
+                },
+            }
+        )
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": _meta(run, n[role], role),
+                "spec": {"selector": sel, "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]},
+            }
+        )
+    return out
+
+
+def job(run: dict, spec: RunSpec) -> dict[str, Any]:
+    n = names(run)
+    replicas = spec.resources.learner_replicas
+    metrics_port = spec.output.metrics_port or TRAINER_PORT_METRICS
+    rank_env = [
+        {"name": "WORLD_SIZE", "value": str(replicas)},
+        {
+            "name": "RANK",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
+        },
+        {"name": "MASTER_ADDR", "value": f"{n['job']}-0.{n['headless']}"},
+        {"name": "MASTER_PORT", "value": str(RDZV_PORT)},
+    ]
+    container = {
+        "name": "trainer",
+        "image": spec.resources.image,
+        "command": ["gprl", "train", "--config", f"{CONFIG_DIR}/config.yaml"],
+        "env": _env(run, spec, rank_env),
+        "ports": [
+            {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"},
+        ],
+    }
+    pod = _pod_spec(run, spec, container, with_claim=True, account=True)
+    pod["restartPolicy"] = "Never"  # the Job replaces a failed pod; the new one resumes from the last checkpoint
+    pod["subdomain"] = n["headless"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _meta(run, n["job"], "trainer"),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": replicas,
+            "parallelism": replicas,
+            "backoffLimit": getattr(spec.resources, "backoff_limit", 3),
+            "suspend": bool((run.get("spec") or {}).get("suspend", False)),
+            "template": {"metadata": {"labels": labels(run, "trainer")}, "spec": pod},
+        },
+    }
+
+
+def build_children(run: dict) -> list[dict[str, Any]]:
+    """Every object the run needs, in the order they should be applied (the Job last)."""
+    run = copy.deepcopy(run)
+    spec = run_spec(run)
+    out = [config_map(run, spec), *rbac(run)]
+    pvc = checkpoint_claim(run, spec)
+    if pvc is not None:
+        out.append(pvc)
+    out += services(run, spec)
+    out += server_deployments(run, spec)
+    out.append(job(run, spec))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# status
+
+
+def _cond(ctype: str, status: bool, reason: str, message: str, generation: int | None, previous: dict, now: str) -> dict:
+    value = "True" if status else "False"
+    old = previous.get(ctype) or {}
+    same = old.get("status") == value
+    out = {
+        "type": ctype,
+        "status": value,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": old.get("lastTransitionTime", now) if same else now,
+    }
+    if generation is not None:
+        out["observedGeneration"] = generation
+    return out
+
+
+def _job_condition(job: dict, ctype: str) -> Optional[dict]:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == ctype and c.get("status") == "True":
+            return c
+    return None
+
+
+def job_phase(job: Optional[dict]) -> str:
+    if job is None:
+        return "Pending"
+    # SuccessCriteriaMet / FailureTarget come first on Kubernetes >= 1.31; Complete / Failed follow once every pod
+    # has terminated
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        return "Succeeded"
+    if _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
+        return "Failed"
+    if (job.get("spec") or {}).get("suspend"):
+        return "Suspended"
+    st = job.get("status") or {}
+    if st.get("ready") or (st.get("active") and "ready" not in st):
+        return "Running"
+    return "Pending"
+
+
+def run_status(
+    run: dict,
+    job: Optional[dict],
+    *,
+    now: str,
+    pod_failure: Optional[dict] = None,
+    generation: Optional[int] = None,
+    error: Optional[str] = None,
+) -> dict[str, Any]:
+    """The operator's part of `status`: phase, pod counts, observedGeneration and its conditions.
+
+    `pod_failure` = {"pod", "reason", "message"} of the newest failed pod, if any.
+    `generation` is the spec generation just reconciled (None keeps the stored observedGeneration).
+    `error` is set when the children could not be applied.
+    """
+    current = run.get("status") or {}
+    previous = {c.get("type"): c for c in current.get("conditions") or [] if isinstance(c, dict)}
+    gen = generation if generation is not None else current.get("observedGeneration")
+    phase = job_phase(job)
+    st = (job or {}).get("status") or {}
+    name = run["metadata"]["name"]
+
+    conds = []
+    if error:
+        conds.append(_cond("Ready", False, "ReconcileError", error, gen, previous, now))
+    elif job is None:
+        conds.append(_cond("Ready", False, "Creating", "children are being created", gen, previous, now))
+    else:
+        conds.append(_cond("Ready", True, "ChildrenApplied", f"Job {job['metadata']['name']} and its objects exist", gen, previous, now))
+    running = phase == "Running"
+    conds.append(
+        _cond("Running", running, "PodsReady" if running else phase, f"{st.get('ready', 0) or 0} ready, "
+              f"{st.get('active', 0) or 0} active pod(s)", gen, previous, now)
+    )
+    done = _job_condition(job or {}, "Complete") or _job_condition(job or {}, "SuccessCriteriaMet")
+    conds.append(
+        _cond("Succeeded", bool(done), (done or {}).get("reason") or ("Completed" if done else "NotCompleted"),
+              (done or {}).get("message") or ("all ranks completed" if done else ""), gen, previous, now)
+    )
+    failed = _job_condition(job or {}, "Failed") or _job_condition(job or {}, "FailureTarget")
+    conds.append(
+        _cond("Failed", bool(failed), (failed or {}).get("reason") or ("JobFailed" if failed else "NotFailed"),
+              (failed or {}).get("message") or "", gen, previous, now)
+    )
+    suspended = phase == "Suspended"
+    conds.append(
+        _cond("Suspended", suspended, "SuspendedBySpec" if suspended else "NotSuspended",
+              "spec.suspend is true; the Job's pods are stopped" if suspended else "", gen, previous, now)
+    )
+    if pod_failure:
+        conds.append(
+            _cond("PodFailed", True, pod_failure.get("reason") or "PodFailed",
+                  f"pod {pod_failure.get('pod')}: {pod_failure.get('message') or pod_failure.get('reason')}",
+                  gen, previous, now)
+        )
+    else:
+        conds.append(_cond("PodFailed", False, "NoFailedPods", "", gen, previous, now))
+
+    out: dict[str, Any] = {
+        "phase": phase,
+        "jobName": name,
+        "activePods": int(st.get("active") or 0),
+        "readyPods": int(st.get("ready") or 0),
+        "failedPods": int(st.get("failed") or 0),
+        "succeededPods": int(st.get("succeeded") or 0),
+        "conditions": conds,
+    }
+    if gen is not None:
+        out["observedGeneration"] = int(gen)
+    if st.get("startTime"):
+        out["startTime"] = st["startTime"]
+    if st.get("completionTime"):
+        out["completionTime"] = st["completionTime"]
+    if error:
+        out["message"] = error
+    elif pod_failure and phase != "Succeeded":
+        out["message"] = f"pod {pod_failure.get('pod')} failed: {pod_failure.get('reason')}"
+    return out
+
+
+def pod_failure(pod: dict) -> Optional[dict]:
+    """{pod, reason, message} for a Failed pod (the terminated container's reason and exit code), else None."""
+    st = pod.get("status") or {}
+    if st.get("phase") != "Failed":
+        return None
+    reason, message = st.get("reason"), st.get("message")
+    for cs in st.get("containerStatuses") or []:
+        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if term:
+            reason = term.get("reason") or reason
+            message = f"container {cs.get('name')} exited with code {term.get('exitCode')}" + (
+                f": {term['message']}" if term.get("message") else f" ({term.get('reason')})" if term.get("reason") else ""
+            )
+            break
+    return {"pod": pod["metadata"]["name"], "reason": reason or "Failed", "message": message or reason or "pod failed"}

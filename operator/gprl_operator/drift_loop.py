@@ -1,0 +1,441 @@
+"""The operator side of the closed drift loop (method.md §3, architecture "Kubernetes contract").
+
+A kopf timer per GPRLRun whose `spec.drift.mode` is `operator`:
+
+1. reads the statistics the job reported in `status.training` (every step since the last report is in
+   `training.history`) and feeds the new ones, by step, to the same `gprl.algo.DriftMonitor` the trainer runs
+   in-process;
+2. writes the new control block `status.control` (weights m, klCoef, epsLow, epsHigh) with an incremented
+   `generation` when the control changed; the job applies it at its next step boundary and acknowledges it;
+3. on trigger / release: a Kubernetes Event and the `DriftDetected` condition;
+4. a control block written by hand is validated like the job does: a malformed one is refused (Warning Event
+   `ControlRefused`, and the operator's last good control is written back with a newer generation, so the job
+   never applies it); a valid one is adopted as an override;
+5. exports its state on /metrics (D(t), spectrum, weights, β_KL, ε, trigger state, interventions, loop latency).
+
+The monitor's state lives in the resource (`status.driftMonitor`), so an operator restart loses nothing. The
+status is written by server-side apply under its own field manager (`gprl-drift-loop`), so that it never
+removes or fights over the fields the reconcile handlers (manager `gprl-operator`) or the job (merge patches)
+own. `decide()` is a pure function of the run and the previous state; the kopf handler only does I/O.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import kopf
+from prometheus_client import Counter, Gauge, Histogram
+
+from gprl.algo.drift import DriftMonitor
+from gprl.config import RunSpec
+from gprl.control import InvalidControl, control_block, validate_control
+from gprl.crd import GROUP, KIND, PLURAL, VERSION
+
+log = logging.getLogger("gprl_operator.drift")
+
+DRIFT_MANAGER = "gprl-drift-loop"
+INTERVAL = float(os.environ.get("GPRL_DRIFT_INTERVAL", "5"))
+CONDITION = "DriftDetected"
+CHANGE_TOLERANCE = 1e-4  # relative change of any control field that makes a new generation
+L = ["namespace", "run"]
+LA = ["namespace", "run", "axis"]
+
+DIVERGENCE = Gauge("gprl_operator_drift_divergence", "D(t) = KL(alpha(t) || alpha(0)) computed by the operator.", L)
+THRESHOLD = Gauge("gprl_operator_drift_threshold", "Trigger threshold tau of the run's drift monitor.", L)
+TRIGGERED = Gauge("gprl_operator_drift_triggered", "1 while the run's drift monitor is triggered.", L)
+AXIS_SPECTRUM = Gauge("gprl_operator_drift_axis_spectrum", "alpha_l(t): share of axis l in the variance spectrum.", LA)
+AXIS_BASELINE = Gauge("gprl_operator_drift_axis_spectrum_baseline", "alpha_l(0): start-of-run spectrum.", LA)
+AXIS_WEIGHT = Gauge("gprl_operator_drift_axis_weight", "Control weight m_l the operator set for axis l.", LA)
+AXIS_VARIANCE = Gauge("gprl_operator_drift_axis_variance", "Last reported E_batch[var_i s_l(i)] of axis l.", LA)
+KL_COEF = Gauge("gprl_operator_drift_kl_coef", "beta_KL in the operator's control block.", L)
+EPS_LOW = Gauge("gprl_operator_drift_clip_eps_low", "epsilon_low in the operator's control block.", L)
+EPS_HIGH = Gauge("gprl_operator_drift_clip_eps_high", "epsilon_high in the operator's control block.", L)
+GENERATION = Gauge("gprl_operator_drift_control_generation", "Generation of status.control.", L)
+ACKED = Gauge("gprl_operator_drift_control_acknowledged_generation", "Last control generation the job applied.", L)
+PENDING = Gauge(
+    "gprl_operator_drift_control_pending_seconds",
+    "Age of the oldest control generation the job has not acknowledged yet (0 when all are).", L,
+)
+LAST_STEP = Gauge("gprl_operator_drift_last_step", "Last training step fed to the run's monitor.", L)
+LAST_REPORT = Gauge("gprl_operator_drift_last_report_timestamp_seconds", "Unix time of the job's last report.", L)
+INTERVENTIONS = Counter("gprl_operator_drift_interventions", "Drift-monitor trigger events decided by the operator.", L)
+STEPS_FED = Counter("gprl_operator_drift_steps", "Training steps fed to the drift monitor.", L)
+DECISIONS = Counter("gprl_operator_drift_control_writes", "Control generations written, by reason.", L + ["reason"])
+REFUSED = Counter("gprl_operator_drift_refused_controls", "Hand-written control blocks refused as malformed.", L)
+LATENCY = Histogram(
+    "gprl_operator_drift_loop_latency_seconds",
+    "Closed-loop latency: the oldest step statistics a control decision includes (recorded by the job) -> that "
+    "control applied by the job at a step boundary (both ends on the job's clock).",
+    buckets=(0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 120, 300, 600),
+)
+TICK_SECONDS = Histogram(
+    "gprl_operator_drift_tick_duration_seconds", "Wall time of one drift-loop tick of one run (incl. API writes).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)
+ERRORS = Counter("gprl_operator_drift_errors", "Drift-loop ticks that failed, by kind.", ["kind"])
+MONITORED = Gauge("gprl_operator_drift_monitored_runs", "GPRLRuns whose drift loop runs in this operator.")
+
+_cache: dict[tuple[str, str], dict] = {}  # (ns, run) -> newest state this process wrote (the watch may lag)
+_lat_seen: dict[tuple[str, str], int] = {}  # (ns, run) -> generation whose latency was observed
+_lock = threading.Lock()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _ts(text: Any) -> Optional[float]:
+    try:
+        return _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def _spec(run: dict) -> RunSpec:
+    from gprl_operator.children import run_spec
+
+    return run_spec(run)
+
+
+def _close(a: dict, b: dict) -> bool:
+    """Two control blocks (camelCase) equal up to CHANGE_TOLERANCE (relative)."""
+
+    def near(x: Any, y: Any) -> bool:
+        if not isinstance(x, (int, float)) or not isinstance(y, (int, float)):
+            return x == y
+        return abs(x - y) <= CHANGE_TOLERANCE * max(abs(x), abs(y), 1e-12)
+
+    wa, wb = a.get("weights") or [], b.get("weights") or []
+    return (
+        len(wa) == len(wb)
+        and all(near(x, y) for x, y in zip(wa, wb))
+        and all(near(a.get(k), b.get(k)) for k in ("klCoef", "epsLow", "epsHigh"))
+    )
+
+
+def _exact(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("weights", "klCoef", "epsLow", "epsHigh"))
+
+
+@dataclass
+class Decision:
+    state: dict  # the new status.driftMonitor
+    status: Optional[dict] = None  # status fields to apply (manager DRIFT_MANAGER); None: nothing to write
+    events: list[dict] = field(default_factory=list)  # {"type", "reason", "message"}
+    fed: int = 0
+    trigger_events: int = 0
+    refused: int = 0
+    reason: Optional[str] = None  # reason of a new control generation
+    latency: Optional[float] = None  # loop latency of the newest acknowledged generation
+
+
+def decide(run: dict, now: str, cached: Optional[dict] = None) -> Decision:
+    """One tick of the drift loop for one run: pure, no I/O."""
+    spec = _spec(run)
+    k = spec.gpm.axes
+    status = run.get("status") or {}
+    training = status.get("training") or {}
+    current = status.get("control") or {}
+    persisted = status.get("driftMonitor") or {}
+    state = copy.deepcopy(persisted)
+    if cached is not None and cached.get("lastStep", -1) >= persisted.get("lastStep", -1) and \
+            cached.get("generation", 0) >= persisted.get("generation", 0):
+        state = copy.deepcopy(cached)
+    first = not persisted
+    if state.get("axes") not in (None, k):
+        state = {}  # gpm.axes is immutable, so only a foreign or damaged state gets here
+    state.setdefault("axes", k)
+    state.setdefault("lastStep", 0)
+    state.setdefault("generation", 0)
+    state.setdefault("decidedAt", {})
+
+    monitor = DriftMonitor(spec.drift, k, spec.algo.kl_coef, spec.algo.eps_low, spec.algo.eps_high)
+    if state.get("monitor"):
+        try:
+            monitor.load_state_dict(state["monitor"])
+        except (TypeError, ValueError) as exc:
+            log.warning("%s: drift monitor state unusable (%s); starting afresh", run["metadata"]["name"], exc)
+            state["monitor"] = None
+    d = Decision(state=state)
+    own = state.get("control")  # the last block this loop wrote (or adopted)
+    write_control = False
+
+    # -- a control block written by someone else (by hand, kubectl patch --subresource=status)
+    gen = current.get("generation")
+    if isinstance(gen, int) and "weights" in current and (
+        gen > state["generation"] or (gen == state["generation"] and own is not None and not _exact(current, own))
+    ) and gen != state.get("refusedGeneration"):
+        try:
+            adopted = validate_control(current, k, spec.drift)
+        except InvalidControl as exc:
+            state["refusedGeneration"] = gen
+            d.refused += 1
+            d.events.append({"type": "Warning", "reason": "ControlRefused",
+                             "message": f"status.control generation {gen} refused, never applied: {exc}"})
+            state["generation"] = gen
+            if own is None:  # nothing decided yet: restore the baseline
+                state["control"] = own = control_block(monitor.control)
+            d.reason = "Restore"
+            write_control = True
+        else:
+            monitor.state.control = adopted
+            state["generation"] = gen
+            state["control"] = own = control_block(adopted)
+            d.events.append({"type": "Normal", "reason": "ControlOverridden",
+                             "message": f"status.control generation {gen} was written by hand; the drift loop "
+                                        "adopts it and continues from it"})
+
+    # -- feed the statistics reported since the last tick, by step
+    history = training.get("history") or []
+    if not history and training.get("axisVariance") is not None and training.get("step") is not None:
+        history = [{"step": training["step"], "axisVariance": training["axisVariance"]}]
+    first_at = None  # job-clock time of the oldest statistics fed in this tick
+    for item in sorted((h for h in history if isinstance(h, dict)), key=lambda h: h.get("step", 0)):
+        step, var = item.get("step"), item.get("axisVariance")
+        if not isinstance(step, int) or step <= state["lastStep"]:
+            continue
+        first_at = first_at or item.get("at") or training.get("reportedAt")
+        if not isinstance(var, list) or len(var) != k or not all(isinstance(v, (int, float)) for v in var):
+            log.warning("%s: step %s reports %r, not %d axis variances; skipped", run["metadata"]["name"], step, var, k)
+            state["lastStep"] = step
+            continue
+        monitor.update([float(v) for v in var])
+        state["lastStep"] = step
+        d.fed += 1
+        for ev in monitor.state.events:
+            ms = monitor.state
+            if ev["type"] == "trigger":
+                d.trigger_events += 1
+                d.reason = "Trigger"
+                top = max(range(k), key=lambda i: (ms.spectrum[i] - ms.baseline[i]) / max(ms.baseline[i], 1e-12))
+                d.events.append({"type": "Warning", "reason": "DriftDetected",
+                                 "message": f"D(t) = {ev['divergence']:.4g} > tau = {spec.drift.tau:g} at step {step}: "
+                                            f"axis {top} holds {ms.spectrum[top]:.3f} of the variance spectrum "
+                                            f"(start of run: {ms.baseline[top]:.3f}); down-weighting it and "
+                                            "tightening the trust region"})
+            else:
+                d.reason = d.reason or "Release"
+                d.events.append({"type": "Normal", "reason": "DriftReleased",
+                                 "message": f"D(t) = {ev['divergence']:.4g} < {spec.drift.release_ratio:g} tau at step "
+                                            f"{step}; relaxing the control to baseline"})
+    if d.fed:
+        state["monitor"] = monitor.state_dict()
+        new = control_block(monitor.control)
+        if own is None or not _close(new, own):
+            write_control = True
+            d.reason = d.reason or ("Tighten" if monitor.state.triggered else "Relax")
+            state["control"] = own = new
+    state["triggered"] = bool(monitor.state.triggered)
+
+    if write_control:
+        state["generation"] = max(state["generation"], gen if isinstance(gen, int) else 0) + 1
+        state["sourceStep"] = state["lastStep"]
+        state["decidedAt"] = {**{g: t for g, t in state["decidedAt"].items()
+                                 if int(g) > int(training.get("appliedControlGeneration") or 0)},
+                              str(state["generation"]): _ts(now)}
+        state["reason"] = d.reason
+    # loop latency of the newest acknowledged generation: the report it came from -> applied (job clock)
+    t_rep = _ts(training.get("controlStatisticsAt")) or _ts(training.get("controlReportedAt"))
+    t_app = _ts(training.get("controlAppliedAt"))
+    if t_rep is not None and t_app is not None and training.get("appliedControlGeneration"):
+        d.latency = max(0.0, t_app - t_rep)
+    acked = int(training.get("appliedControlGeneration") or current.get("acknowledgedGeneration") or 0)
+    state["decidedAt"] = {g: t for g, t in state["decidedAt"].items() if int(g) > acked}
+
+    if write_control:
+        state["controlReportedAt"] = training.get("reportedAt") if d.fed else state.get("controlReportedAt")
+        state["controlStatisticsAt"] = first_at if d.fed else state.get("controlStatisticsAt")
+        state["updatedAt"] = now[:19] + "Z"
+    if not (d.fed or write_control or d.events or first):
+        return d  # nothing new: no API call
+    ms = monitor.state
+    out: dict[str, Any] = {"driftMonitor": state, "drift": float(ms.divergence)}
+    if own is not None:
+        block = {**own, "generation": state["generation"], "triggered": bool(ms.triggered),
+                 "sourceStep": int(state.get("sourceStep", state["lastStep"])),
+                 "reason": state.get("reason") or "Relax"}
+        for key in ("updatedAt",):
+            if state.get(key):
+                block[key] = state[key]
+        if state.get("controlReportedAt"):
+            block["reportedAt"] = state["controlReportedAt"]
+        if state.get("controlStatisticsAt"):
+            block["statisticsAt"] = state["controlStatisticsAt"]
+        out["control"] = block
+    out["conditions"] = [_condition(run, spec, ms, now)]
+    d.status = out
+    return d
+
+
+def _condition(run: dict, spec: RunSpec, ms: Any, now: str) -> dict:
+    previous = next((c for c in (run.get("status") or {}).get("conditions") or []
+                     if isinstance(c, dict) and c.get("type") == CONDITION), {})
+    value = "True" if ms.triggered else "False"
+    if ms.baseline is None:
+        reason, msg = "WarmingUp", f"measuring the start-of-run spectrum ({ms.step}/{spec.drift.warmup_steps} steps)"
+    elif ms.triggered:
+        reason = "DriftAboveThreshold"
+        msg = f"D(t) = {ms.divergence:.4g} > tau = {spec.drift.tau:g}; {ms.interventions} intervention(s)"
+    else:
+        reason = "DriftBelowThreshold"
+        msg = f"D(t) = {ms.divergence:.4g} (tau = {spec.drift.tau:g}); {ms.interventions} intervention(s)"
+    ltt = previous.get("lastTransitionTime") if previous.get("status") == value else None
+    return {"type": CONDITION, "status": value, "reason": reason, "message": msg,
+            "lastTransitionTime": ltt or now[:19] + "Z",
+            "observedGeneration": int(run["metadata"].get("generation") or 0)}
+
+
+# --------------------------------------------------------------------------------------
+# metrics
+
+
+def _set_metrics(ns: str, name: str, run: dict, d: Decision) -> None:
+    state, training = d.state, ((run.get("status") or {}).get("training") or {})
+    mon = state.get("monitor") or {}
+    try:
+        spec = _spec(run)
+        THRESHOLD.labels(ns, name).set(spec.drift.tau)
+    except Exception:  # noqa: BLE001 - metrics never break the loop
+        pass
+    DIVERGENCE.labels(ns, name).set(float(mon.get("divergence") or 0.0))
+    TRIGGERED.labels(ns, name).set(1.0 if state.get("triggered") else 0.0)
+    for gauge, values in ((AXIS_SPECTRUM, mon.get("spectrum")), (AXIS_BASELINE, mon.get("baseline")),
+                          (AXIS_WEIGHT, (state.get("control") or {}).get("weights")),
+                          (AXIS_VARIANCE, training.get("axisVariance"))):
+        for i, v in enumerate(values or []):
+            gauge.labels(ns, name, str(i)).set(float(v))
+    own = state.get("control") or {}
+    for gauge, key in ((KL_COEF, "klCoef"), (EPS_LOW, "epsLow"), (EPS_HIGH, "epsHigh")):
+        if key in own:
+            gauge.labels(ns, name).set(float(own[key]))
+    GENERATION.labels(ns, name).set(state.get("generation", 0))
+    acked = int(training.get("appliedControlGeneration") or
+                ((run.get("status") or {}).get("control") or {}).get("acknowledgedGeneration") or 0)
+    ACKED.labels(ns, name).set(acked)
+    pending = [t for g, t in (state.get("decidedAt") or {}).items() if int(g) > acked and t]
+    PENDING.labels(ns, name).set(max(0.0, time.time() - min(pending)) if pending else 0.0)
+    LAST_STEP.labels(ns, name).set(state.get("lastStep", 0))
+    t = _ts(training.get("reportedAt"))
+    if t is not None:
+        LAST_REPORT.labels(ns, name).set(t)
+    if d.fed:
+        STEPS_FED.labels(ns, name).inc(d.fed)
+    if d.trigger_events:
+        INTERVENTIONS.labels(ns, name).inc(d.trigger_events)
+    if d.refused:
+        REFUSED.labels(ns, name).inc(d.refused)
+    gen_acked = int(training.get("appliedControlGeneration") or 0)
+    if d.latency is not None and _lat_seen.get((ns, name)) != gen_acked:
+        _lat_seen[(ns, name)] = gen_acked
+        LATENCY.observe(d.latency)
+
+
+def forget(ns: str, name: str) -> None:
+    """Drop a deleted run's label sets and cached state."""
+    with _lock:
+        _cache.pop((ns, name), None)
+        _lat_seen.pop((ns, name), None)
+        MONITORED.set(len(_cache))
+    for metric in (DIVERGENCE, THRESHOLD, TRIGGERED, KL_COEF, EPS_LOW, EPS_HIGH, GENERATION, ACKED, PENDING,
+                   LAST_STEP, LAST_REPORT, INTERVENTIONS, STEPS_FED, REFUSED):
+        try:
+            metric.remove(ns, name)
+        except KeyError:
+            pass
+    for metric in (AXIS_SPECTRUM, AXIS_BASELINE, AXIS_WEIGHT, AXIS_VARIANCE):
+        for labels in list(metric._metrics):  # noqa: SLF001 - prometheus_client has no "remove by prefix"
+            if labels[:2] == (ns, name):
+                metric.remove(*labels)
+
+
+# --------------------------------------------------------------------------------------
+# kopf
+
+
+def _operator_mode(spec: Any, **_: Any) -> bool:
+    return ((spec or {}).get("drift") or {}).get("mode") == "operator"
+
+
+def post_event(kube: Any, run: dict, etype: str, reason: str, message: str) -> None:
+    meta = run["metadata"]
+    now = _now()[:19] + "Z"
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
+                           "namespace": meta["namespace"], "uid": meta.get("uid")},
+        "type": etype,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": "gprl-operator"},
+        "reportingComponent": "gprl.dev/drift-loop",
+        "reportingInstance": socket.gethostname()[:128],
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }
+    # JSON is YAML: with this content type the kubernetes client's REST layer sends Kube.request's already
+    # serialised body as it is (with application/json it would encode the string a second time).
+    kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body, content_type="application/yaml")
+
+
+def tick(run: dict, kube: Any) -> Decision:
+    """Decide, then write the status (one server-side apply) and the Events."""
+    ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
+    with _lock:
+        cached = _cache.get((ns, name))
+    d = decide(run, _now(), cached)
+    if d.status is not None:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name, "namespace": ns},
+                "status": d.status}
+        kube.apply(body, field_manager=DRIFT_MANAGER, subresource="status")
+        if d.reason and "control" in d.status:
+            DECISIONS.labels(ns, name, d.reason).inc()
+    with _lock:
+        _cache[(ns, name)] = d.state
+        MONITORED.set(len(_cache))
+    for ev in d.events:
+        try:
+            post_event(kube, run, ev["type"], ev["reason"], ev["message"])
+        except Exception as exc:  # noqa: BLE001 - an Event lost must not undo the decision
+            ERRORS.labels("event").inc()
+            log.warning("%s/%s: could not post Event %s: %s", ns, name, ev["reason"], exc)
+        (log.warning if ev["type"] == "Warning" else log.info)("%s/%s: %s: %s", ns, name, ev["reason"], ev["message"])
+    _set_metrics(ns, name, run, d)
+    return d
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, id="drift-loop", interval=INTERVAL, when=_operator_mode)
+def drift_timer(body: Any, meta: Any, namespace: str, name: str, **_: Any) -> None:
+    if meta.get("deletionTimestamp"):
+        return
+    from gprl_operator.handlers import kube
+
+    run = copy.deepcopy({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": dict(meta),
+                         "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})})
+    t0 = time.perf_counter()
+    try:
+        tick(run, kube())
+    except Exception as exc:  # noqa: BLE001 - log, count, try again at the next tick (the state is in the resource)
+        kind = type(exc).__name__
+        status = getattr(exc, "status", None)
+        ERRORS.labels(f"{kind}{'/' + str(status) if status else ''}").inc()
+        log.warning("%s/%s: drift loop tick failed: %s", namespace, name, exc)
+    finally:
+        TICK_SECONDS.observe(time.perf_counter() - t0)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="drift-loop-forget")
+def drift_forget(event: dict, namespace: str, name: str, spec: Any, **_: Any) -> None:
+    if event.get("type") == "DELETED" or not _operator_mode(spec):
+        if (namespace, name) in _cache:
+            forget(namespace, name)
