@@ -25,6 +25,7 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int
         for start in range(0, len(rep), batch_size):
             chunk = rep[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: t.to(next(model.parameters()).device) for k, t in enc.items()}
             gen = model.generate(
                 **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,

@@ -113,6 +113,14 @@ class Trainer:
             reference = AutoModelForCausalLM.from_pretrained(src.reference, dtype=dtype)
         if reference is not None:
             reference.eval().requires_grad_(False)
+        # One accelerator per process when there is one (rank r of a node uses cuda:LOCAL_RANK), else the CPU.
+        self.device = torch.device("cpu")
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+            policy.to(self.device)
+            if reference is not None:
+                reference.to(self.device)
         self.policy = policy.eval()
         self.reference = reference
 
@@ -124,7 +132,7 @@ class Trainer:
             self.gpm_tokenizer = None
             gpm_where = spec.gpm.server_url
         else:
-            self.gpm = GeneralPreferenceModel.from_pretrained(src.gpm).eval().requires_grad_(False)
+            self.gpm = GeneralPreferenceModel.from_pretrained(src.gpm).eval().requires_grad_(False).to(self.device)
             gpm_tok_path = src.gpm if Path(src.gpm, "tokenizer_config.json").exists() else src.policy
             self.gpm_tokenizer = AutoTokenizer.from_pretrained(gpm_tok_path)
             gpm_where = src.gpm
@@ -162,6 +170,9 @@ class Trainer:
         self.metrics = TrainerMetrics(run=os.environ.get("GPRL_RUN_NAME", self.out.name))
         if spec.output.metrics_port and self.rank == 0:
             self.metrics.serve(spec.output.metrics_port)
+        # Sampling starts from the seed whatever the set-up consumed (a local GPM's init, DeepSpeed's, or none when
+        # the GPM is remote): the same spec samples the same rollouts with any backend.
+        seed_everything(spec.seed)
 
     # ------------------------------------------------------------------ one step
 
@@ -182,26 +193,30 @@ class Trainer:
                 per = len(prompts) // self.world
                 prompts = prompts[self.rank * per : (self.rank + 1) * per]
             batch = self.rollout.generate(prompts, algo.group_size)
+            if batch.sequences.device != self.device:
+                batch = batch.to(self.device)
         with timer("score"):
             out = self.gpm.score(self.gpm_tokenizer, batch.prompts, batch.responses, batch_size=spec.gpm.batch_size)
         with timer("advantages"):
             k, G = spec.gpm.axes, algo.group_size
             v = out.embeddings.view(-1, G, out.embeddings.shape[-1])
             lam = out.eigenvalues.view(-1, G, k)[:, 0]
-            adv, scores = advantages(v, lam, torch.tensor(control.weights), algo.normalization, algo.std_eps)
-            axis_var = axis_variance(scores)
-            lengths = batch.response_mask.sum(dim=1).float()
+            weights = torch.tensor(control.weights, dtype=v.dtype, device=v.device)
+            adv, scores = advantages(v, lam, weights, algo.normalization, algo.std_eps)
+            axis_var = axis_variance(scores).cpu()
+            lam = lam.cpu()
+            lengths = batch.response_mask.sum(dim=1).float().cpu()
             # Statistics of the whole step (all ranks; equal shares, so the mean of rank means is the global
             # mean): every rank feeds the same axis variances to its monitor and gets the same control.
             summary = gdist.all_reduce_mean(
                 torch.cat([axis_var.float(), lam.float().mean(dim=0), torch.stack([
-                    lengths.mean(), adv.abs().mean().float(), torch.tensor(float(batch.num_tokens))])])
+                    lengths.mean(), adv.abs().mean().float().cpu(), torch.tensor(float(batch.num_tokens))])])
             )
             axis_var, lam_mean = summary[:k].float(), summary[k : 2 * k].float()
             length_mean, adv_abs_mean, tokens = (float(x) for x in summary[2 * k :])
             tokens = int(round(tokens * self.world))
         with timer("update"):
-            stats = self.learner.update(batch, adv.detach().reshape(-1), control)
+            stats = self.learner.update(batch, adv.detach().reshape(-1).to(batch.sequences.device), control)
             self.policy_version += 1
             self.rollout.sync_weights(self.policy, self.policy_version)
         with timer("monitor"):

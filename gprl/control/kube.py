@@ -6,8 +6,9 @@ lets read its own GPRLRun and patch its status, and nothing else.
 
 - `report(record)`: merge-patches `status.step`, `status.policyVersion` and `status.training` (per-axis
   statistics: the drift monitor's inputs, plus KL, clip fraction, throughput, eigenvalues, ...), at most once
-  per `drift.reportIntervalSeconds` (the last step of the run is always sent). Steps between two reports
-  travel in `training.history`, so the operator's monitor sees every step, not a sample of them.
+  per `drift.reportIntervalSeconds` (the last step of the run is always sent). Every step the operator has not
+  fed to its monitor yet (`status.driftMonitor.lastStep`, read back at each poll) travels in `training.history`
+  (at most 512), so the monitor sees every step, however its timer and the reports interleave.
 - `poll()`: reads `status.control` at most once per `GPRL_CONTROL_POLL_SECONDS` (default 1 s); a new
   `generation` is validated (`gprl.control.validate_control`) and returned to the trainer, which applies it at
   this step boundary; the applied generation is acknowledged at once in `status.control.acknowledgedGeneration`
@@ -22,6 +23,7 @@ Environment (the operator's pod sets the run name/namespace; the rest has in-clu
   GPRL_KUBE_TOKEN / GPRL_KUBE_TOKEN_FILE bearer token, or the file holding it (re-read: projected tokens rotate)
   GPRL_KUBE_CA                           CA bundle of the API server
   GPRL_CONTROL_POLL_SECONDS              least time between two reads of status.control (default 1)
+  GPRL_CONTROL_HISTORY                   most steps held back for the operator (default 512)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from gprl.control import InvalidControl, validate_control
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 GROUP, VERSION, PLURAL = "gprl.dev", "v1alpha1", "gprlruns"
-HISTORY_MAX = 256  # steps held back while reports are rate-limited or the API server is down
+HISTORY_MAX = 512  # steps held back while reports are rate-limited or the API server is down (GPRL_CONTROL_HISTORY)
 
 # trainer record key -> status.training key (scalars)
 SCALARS = {
@@ -99,6 +101,7 @@ class KubeControlChannel:
         poll_seconds: float = 1.0,
         timeout: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        history_max: int = HISTORY_MAX,
     ):
         self.spec = spec
         self.axes = spec.gpm.axes
@@ -116,7 +119,12 @@ class KubeControlChannel:
         self.refused: dict | None = None  # {"generation", "reason"} of the last block refused
         self._seen_generation: int | None = None  # newest generation looked at (applied or refused)
         self._pending_ack: dict | None = None
-        self._history: deque = deque(maxlen=HISTORY_MAX)
+        self.last_applied: dict | None = None  # the acknowledgement of the last generation applied
+        # steps not yet fed to the operator's monitor (it publishes status.driftMonitor.lastStep): every report
+        # carries all of them, so a tick that comes after several reports still sees every step
+        self._history: deque = deque(maxlen=history_max)
+        self._fed_step = 0
+        self._dropped = 0
         self._last_report = -float("inf")
         self._last_poll = -float("inf")
         self._step = 0
@@ -145,6 +153,7 @@ class KubeControlChannel:
         return cls(
             spec, initial, api=api, name=name, namespace=namespace, token=token, token_file=token_file, ca_file=ca,
             log=log, poll_seconds=float(env.get("GPRL_CONTROL_POLL_SECONDS", "1")),
+            history_max=int(env.get("GPRL_CONTROL_HISTORY", str(HISTORY_MAX))),
         )
 
     # ------------------------------------------------------------------ HTTP
@@ -213,7 +222,11 @@ class KubeControlChannel:
             self._failed("reading status.control", exc)
             return None
         self._ok()
-        out = self._consider(((run or {}).get("status") or {}).get("control") or {})
+        status = (run or {}).get("status") or {}
+        fed = (status.get("driftMonitor") or {}).get("lastStep")
+        if isinstance(fed, int) and not isinstance(fed, bool):
+            self._fed_step = fed  # the operator has these steps: stop resending them
+        out = self._consider(status.get("control") or {})
         if self._pending_ack is not None:
             self._flush_ack()
         return out
@@ -235,11 +248,12 @@ class KubeControlChannel:
             self._pending_ack = {"refusedControl": dict(self.refused)}
             return None
         self.control, self.applied_generation = control, gen
-        self._pending_ack = {
+        self._pending_ack = self.last_applied = {
             "appliedControlGeneration": gen,
             "controlAppliedAt": now_rfc3339(),
             "controlAppliedStep": step,
             "controlReportedAt": block.get("reportedAt"),
+            "controlStatisticsAt": block.get("statisticsAt"),
         }
         self.log(f"control: applied generation {gen} at step {step}: weights "
                  f"{[round(w, 4) for w in control.weights]}, klCoef {control.kl_coef:.4g}, "
@@ -265,7 +279,13 @@ class KubeControlChannel:
         self._step = int(record.get("step", self._step))
         axis_var = record.get("axis_variance")
         if axis_var is not None:
-            self._history.append({"step": self._step, "axisVariance": [float(v) for v in axis_var]})
+            if len(self._history) == self._history.maxlen:
+                self._dropped += 1
+                if self._dropped == 1:
+                    self.log(f"control: more than {self._history.maxlen} steps not yet seen by the operator; dropping "
+                             "the oldest (GPRL_CONTROL_HISTORY raises the limit)")
+            self._history.append({"step": self._step, "axisVariance": [float(v) for v in axis_var],
+                                  "at": now_rfc3339()})
         now = self.clock()
         last = self._step >= self.spec.algo.steps
         if not last and now - self._last_report < self.report_seconds:
@@ -280,6 +300,8 @@ class KubeControlChannel:
         for key, out in LISTS.items():
             if isinstance(record.get(key), list):
                 training[out] = [float(v) for v in record[key]]
+        while self._history and self._history[0]["step"] <= self._fed_step:
+            self._history.popleft()
         training["history"] = list(self._history)
         training["appliedControlGeneration"] = self.applied_generation
         if self._pending_ack is not None:
@@ -295,5 +317,4 @@ class KubeControlChannel:
             return
         self._ok()
         self._last_report = now
-        self._history.clear()
         self._pending_ack = None

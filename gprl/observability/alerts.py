@@ -1,0 +1,82 @@
+"""Prometheus alert rules of a GPRL installation (runbooks: docs/operations.md#runbooks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+RUNBOOK = "https://github.com/gprl/gprl/blob/main/docs/operations.md#"
+
+
+def _alert(name: str, expr: str, for_: str, severity: str, summary: str, description: str) -> dict[str, Any]:
+    return {
+        "alert": name,
+        "expr": expr,
+        "for": for_,
+        "labels": {"severity": severity, "team": "gprl"},
+        "annotations": {"summary": summary, "description": description, "runbook_url": RUNBOOK + name.lower()},
+    }
+
+
+def rules() -> dict[str, Any]:
+    """The rule file (`groups:`), the same body as a PrometheusRule's `spec`."""
+    training = [
+        _alert(
+            "GPRLDriftSustained",
+            "max by (namespace, run) (gprl_operator_drift_triggered) == 1 or max by (run) (gprl_drift_triggered) == 1",
+            "30m", "warning",
+            "Drift monitor of run {{ $labels.run }} has been triggered for 30 minutes",
+            "D(t) stayed above the release level for 30 minutes although the monitor re-weights the axes and raises "
+            "beta_KL: the policy keeps pulling the variance spectrum towards one part of the preference space.",
+        ),
+        _alert(
+            "GPRLSingleAxisExploitationSuspected",
+            "max by (namespace, run) ((gprl_operator_drift_axis_spectrum > 0.6) and "
+            "(gprl_operator_drift_axis_spectrum > 2 * gprl_operator_drift_axis_spectrum_baseline))"
+            " or max by (run) ((gprl_axis_spectrum > 0.6) and (gprl_axis_spectrum > 2 * gprl_axis_spectrum_baseline))",
+            "15m", "warning",
+            "One preference axis dominates run {{ $labels.run }}",
+            "A single axis holds more than 60% of the variance spectrum and more than twice its start-of-run "
+            "share for 15 minutes: the policy is likely exploiting that axis of the GPM.",
+        ),
+        _alert(
+            "GPRLKLRunaway",
+            "(gprl_kl > 0.5) and (deriv(gprl_kl[10m]) > 0)",
+            "10m", "critical",
+            "KL to the reference keeps growing in run {{ $labels.run }}",
+            "Per-token KL(pi || pi_ref) is above 0.5 nats and still rising after 10 minutes; the trust region "
+            "does not hold the policy.",
+        ),
+        _alert(
+            "GPRLEntropyCollapse",
+            "gprl_entropy < 0.25 * max_over_time(gprl_entropy[6h])",
+            "15m", "warning",
+            "Policy entropy collapsed in run {{ $labels.run }}",
+            "Mean per-token entropy is below a quarter of its 6-hour maximum for 15 minutes: the policy has become "
+            "(nearly) deterministic; rollouts of a group will look alike and the advantages vanish.",
+        ),
+        _alert(
+            "GPRLRunStalled",
+            "changes(gprl_step[20m]) == 0",
+            "10m", "warning",
+            "Run {{ $labels.run }} has not completed a step for 30 minutes",
+            "gprl_step has not changed for 30 minutes while the trainer is still scraped.",
+        ),
+    ]
+    operator = [
+        _alert(
+            "GPRLOperatorErrors",
+            "(sum(rate(gprl_operator_reconcile_errors_total[10m])) or vector(0))"
+            " + (sum(rate(gprl_operator_drift_errors_total[10m])) or vector(0)) > 0.01",
+            "10m", "warning",
+            "The GPRL operator keeps failing",
+            "Reconcile handlers or drift-loop ticks have failed at more than one per 100 s for 10 minutes.",
+        ),
+        _alert(
+            "GPRLControlNotAcknowledged",
+            "gprl_operator_drift_control_pending_seconds > 600",
+            "5m", "warning",
+            "Run {{ $labels.run }} does not apply the operator's control",
+            "A control generation written by the drift loop has not been acknowledged by the job for 15 minutes.",
+        ),
+    ]
+    return {"groups": [{"name": "gprl.training", "rules": training}, {"name": "gprl.operator", "rules": operator}]}

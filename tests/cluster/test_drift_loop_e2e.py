@@ -1,0 +1,232 @@
+"""The closed drift loop end to end on the real API server (issue 5).
+
+A real `gprl train` process, started with the command, environment, config and ServiceAccount token the operator
+puts in the pod, runs with `drift.mode: operator`; the operator (under the Helm chart's ServiceAccount) runs its
+drift loop. The model is the tiny local toy of tests/unit/test_trainer.py (k = 3 GPM), in which the variance
+spectrum drifts towards one axis as the policy trains. We assert on the GPRLRun's status history, the Events, the
+trainer's log and its step records, never on timing:
+
+- the operator detects the drift, down-weights the exploited axis and tightens (β_KL up, ε down), with a
+  DriftDetected Event and condition; the trainer applies each generation it acknowledges at a step boundary;
+- the policy's score on the exploited axis against the reference stays well below the same run with drift off;
+- faults: the API server restarted during a run (the trainer keeps training with its last control, then catches
+  up); a malformed control block written by hand is refused with an Event and never applied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from drift_lib import (
+    PodTrainer,
+    StatusHistory,
+    axis_scores_vs_reference,
+    build_assets,
+    events,
+    outside_restarts,
+    restart_apiserver,
+    run_local,
+    run_spec,
+)
+from gprl_k8s_testlib import OPERATOR_NS, OPERATOR_SA, OperatorProcess, create_run, find_tool, get_run, \
+    install_chart, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+T = 120
+STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(tmp_path_factory.mktemp("drift-assets"))
+
+
+@pytest.fixture(scope="module")
+def drift_operator(control_plane, tmp_path_factory):
+    helm = find_tool(control_plane, "helm")
+    if not helm:
+        pytest.fail("helm not found (scripts/install-k8s-tools.sh)", pytrace=False)
+    install_chart(control_plane, helm)
+    kubeconfig = control_plane.service_account_kubeconfig(OPERATOR_NS, OPERATOR_SA, create=False,
+                                                          expiration_seconds=7200)
+    op = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("drift-operator"), name="drift-operator",
+                         standalone=True, extra_env={"GPRL_DRIFT_INTERVAL": "0.5"}).start()
+    yield op
+    op.stop()
+    forbidden = outside_restarts(op.errors_in_log())
+    assert not forbidden, "the operator hit RBAC denials:\n" + "\n".join(forbidden[:20])
+
+
+def start_run(cp, namespace, name, spec, workdir, env=None):
+    status, body = create_run(cp, namespace, name, spec)
+    assert status == 201, body
+    history = StatusHistory(cp, namespace, name).start()
+    trainer = PodTrainer(cp, namespace, name, workdir, extra_env=env).start()
+    return trainer, history
+
+
+def finish(trainer, history, cp, namespace, name, steps):
+    rc = trainer.wait(600)
+    assert rc == 0, trainer.text()[-4000:]
+    # the operator feeds the last report too (the job always sends its last step)
+    wait_for(lambda: ((get_run(cp, namespace, name) or {}).get("status", {}).get("driftMonitor") or {})
+             .get("lastStep") == steps, T, what="the operator fed every step")
+    time.sleep(1.0)
+    history.stop()
+    return trainer.records()
+
+
+def check_applied(trainer, history, records):
+    """Every generation the trainer says it applied is the one the operator wrote, used from that step on."""
+    controls = {c["generation"]: c for c in history.controls()}
+    applied = [ln for ln in trainer.text().splitlines() if ln.startswith("control: applied generation")]
+    assert applied, trainer.text()[-3000:]
+    by_step = {r["step"]: r for r in records}
+    for ln in applied:
+        gen = int(ln.split("generation ")[1].split()[0])
+        step = int(ln.split(" at step ")[1].split(":")[0])
+        c = controls[gen]
+        rec = by_step[step]["applied_control"]
+        assert rec["weights"] == pytest.approx(c["weights"]) and rec["kl_coef"] == pytest.approx(c["klCoef"])
+        assert rec["eps_low"] == pytest.approx(c["epsLow"])
+    acked = history.acked()
+    assert acked == sorted(acked) and acked[-1] == int(applied[-1].split("generation ")[1].split()[0])
+    return controls
+
+
+def test_operator_detects_drift_reweights_tightens_and_bounds_the_exploited_axis(
+        control_plane, drift_operator, namespace, assets, tmp_path):
+    cp, name = control_plane, "drift-on"
+    trainer, history = start_run(cp, namespace, name, run_spec(assets, "operator", STEPS), tmp_path / "on")
+    records = finish(trainer, history, cp, namespace, name, STEPS)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+
+    # -- the operator decided: trigger, down-weight the axis that gained share, raise β_KL, shrink ε
+    controls = check_applied(trainer, history, records)
+    gens = sorted(controls)
+    assert gens == list(range(gens[0], gens[-1] + 1)) or gens == sorted(set(gens))
+    trig = [c for c in controls.values() if c.get("reason") == "Trigger"]
+    assert trig, [(c["generation"], c.get("reason")) for c in controls.values()]
+    final = get_run(cp, namespace, name)["status"]
+    mon = final["driftMonitor"]["monitor"]
+    exploited = max(range(3), key=lambda i: mon["spectrum"][i] / mon["baseline"][i])
+    tightest = min(controls.values(), key=lambda c: c["weights"][exploited])
+    assert tightest["weights"][exploited] < 0.5 and tightest["klCoef"] > 0.04 and tightest["epsLow"] < 0.2
+    assert final["control"]["triggered"] is True or any(c["status"] == "True" for c in history.conditions("DriftDetected"))
+    conds = history.conditions("DriftDetected")
+    assert any(c["status"] == "True" and c["reason"] == "DriftAboveThreshold" for c in conds), conds
+    reasons = [e["reason"] for e in events(cp, namespace, name)]
+    assert "DriftDetected" in reasons, reasons
+    # the trainer's own records: the applied weights moved as the operator said, and it used them
+    late = records[-1]["applied_control"]
+    assert late["weights"][exploited] < 1.0 and late["kl_coef"] > 0.04
+    # the statistics the operator saw are the trainer's, every step once, in order: its monitor equals a replay
+    assert final["driftMonitor"]["lastStep"] == STEPS and final["training"]["step"] == STEPS
+    assert_monitor_saw_every_step(final, records)
+
+    keep = os.environ.get("GPRL_E2E_ARTIFACTS")  # e.g. to render docs/images/drift-dashboard.png from this run
+    if keep:
+        dest = Path(keep) / "operator-run"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("steps.jsonl", "config.yaml"):
+            shutil.copy(tmp_path / "on" / "out" / f, dest / f)
+        (dest / "status-history.json").write_text(json.dumps(history.versions))
+        (dest / "trainer.log").write_text(trainer.text())
+
+    # -- the same run with drift off: the exploited axis runs away there, and stays bounded under the operator
+    off = run_local(assets, tmp_path / "off", mode="off", steps=STEPS)
+    assert all(r["applied_control"]["weights"] == [1.0, 1.0, 1.0] for r in off)
+    on_scores = axis_scores_vs_reference(_final_policy(tmp_path / "on" / "out"), assets)
+    off_scores = axis_scores_vs_reference(_final_policy(tmp_path / "off" / "out"), assets)
+    print(f"exploited axis {exploited}: score vs reference, operator {on_scores}, off {off_scores}")
+    assert off_scores[exploited] > 0.05
+    assert on_scores[exploited] < 0.5 * off_scores[exploited]
+
+
+def assert_monitor_saw_every_step(final, records):
+    from gprl.algo.drift import DriftMonitor
+    from gprl.config import parse_config
+
+    spec = parse_config(run_spec(Path("/x"), "operator", len(records)))
+    replay = DriftMonitor(spec.drift, 3, spec.algo.kl_coef, spec.algo.eps_low, spec.algo.eps_high)
+    for r in records:
+        replay.update(r["axis_variance"])
+    mon = final["driftMonitor"]["monitor"]
+    assert mon["step"] == len(records)
+    assert mon["spectrum"] == pytest.approx(replay.state.spectrum) and mon["baseline"] == pytest.approx(replay.state.baseline)
+    assert mon["divergence"] == pytest.approx(replay.state.divergence)
+
+
+def _final_policy(out):
+    (ck,) = sorted((out / "checkpoints").glob("step-*"))[-1:]
+    return ck / "policy"
+
+
+def test_api_server_restart_mid_run(control_plane, drift_operator, namespace, assets, tmp_path):
+    cp, name, steps = control_plane, "drift-restart", 400
+    # the toy trains ~10 steps/s: hold back every step of the outage (a real step takes seconds to minutes)
+    trainer, history = start_run(cp, namespace, name, run_spec(assets, "operator", steps), tmp_path / "run",
+                                 env={"GPRL_CONTROL_HISTORY": "4096"})
+    wait_for(lambda: (((get_run(cp, namespace, name) or {}).get("status") or {}).get("control") or {})
+             .get("acknowledgedGeneration"), T, what="a first control acknowledged\n" + trainer.text()[-2000:])
+    step_before = get_run(cp, namespace, name)["status"]["training"]["step"]
+    restart_apiserver(cp, down_seconds=4.0)
+    assert trainer.proc.poll() is None, "the run ended before the restart; make it longer\n" + trainer.text()[-2000:]
+    records = finish(trainer, history, cp, namespace, name, steps)
+    log = trainer.text()
+    # the trainer noticed, kept training with its last control, and caught up
+    assert "failed" in log and "keeping control generation" in log, log[-3000:]
+    assert "API server reachable again" in log, log[-3000:]
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    down = [ln for ln in log.splitlines() if "keeping control generation" in ln][0]
+    gen_down = down.split("keeping control generation ")[1].split()[0]
+    assert gen_down != "None"
+    # the operator saw every step (the job sent the steps it held back), and kept deciding after the restart
+    final = get_run(cp, namespace, name)["status"]
+    assert final["driftMonitor"]["lastStep"] == steps and final["training"]["step"] == steps
+    assert_monitor_saw_every_step(final, records)
+    assert step_before < steps
+    check_applied(trainer, history, records)
+
+
+def test_malformed_control_is_refused_with_an_event_and_never_applied(
+        control_plane, drift_operator, namespace, assets, tmp_path):
+    cp, name, steps = control_plane, "drift-bad", 300
+    trainer, history = start_run(cp, namespace, name, run_spec(assets, "operator", steps), tmp_path / "run")
+    gen = wait_for(lambda: (((get_run(cp, namespace, name) or {}).get("status") or {}).get("control") or {})
+                   .get("acknowledgedGeneration"), T, what="a first control acknowledged\n" + trainer.text()[-2000:])
+    bad_gens = []
+    for bad in ({"weights": [1.0, 1.0]}, {"weights": [1.0, -1.0, 1.0]}, {"klCoef": 7.5}):
+        current = get_run(cp, namespace, name)["status"]["control"]
+        g = max(current["generation"], gen) + 10
+        bad_gens.append(g)
+        status, body = cp.request_raw(
+            "PATCH", f"/apis/gprl.dev/v1alpha1/namespaces/{namespace}/gprlruns/{name}/status",
+            {"status": {"control": {**{k: current[k] for k in ("weights", "klCoef", "epsLow", "epsHigh")}, **bad,
+                                    "generation": g}}},
+            token=cp.admin_token, content_type="application/merge-patch+json")
+        assert status == 200, body
+        wait_for(lambda: sum(e["reason"] == "ControlRefused" for e in events(cp, namespace, name)) >= len(bad_gens),
+                 T, what="ControlRefused Event")
+    records = finish(trainer, history, cp, namespace, name, steps)
+    log = trainer.text()
+    for g in bad_gens:
+        assert f"applied generation {g} " not in log
+    for r in records:
+        c = r["applied_control"]
+        assert len(c["weights"]) == 3 and all(w > 0 for w in c["weights"]) and c["kl_coef"] <= 0.5
+    refused = [e for e in events(cp, namespace, name) if e["reason"] == "ControlRefused"]
+    assert refused[0]["type"] == "Warning" and "never applied" in refused[0]["message"]
+    assert any("2 entries" in e["message"] for e in refused) and any("weights[1]" in e["message"] for e in refused)
+    # the operator wrote its last good control back, newer than the bad one
+    restores = [c for c in history.controls() if c.get("reason") == "Restore"]
+    assert restores and all(len(c["weights"]) == 3 for c in restores)
+    assert max(c["generation"] for c in restores) > bad_gens[0]
+    check_applied(trainer, history, records)
