@@ -15,7 +15,7 @@ VARIANTS = {
 }
 
 DEMO_BASE = {
-    "algo": {"steps": 60, "prompts_per_step": 8, "group_size": 8, "learning_rate": 2e-4, "kl_coef": 0.02},
+    "algo": {"steps": 60, "prompts_per_step": 4, "group_size": 8, "learning_rate": 3e-4, "kl_coef": 0.02},
     "rollout": {"max_new_tokens": 32},
     "output": {"eval_every": 20, "eval_prompts": 64, "eval_samples": 2},
     "checkpoint": {"every_steps": 20},
@@ -64,6 +64,10 @@ def table(rows: list[dict]) -> str:
 
 
 def demo(out_dir: str = "runs/demo", steps: int | None = None, log=print) -> str:
+    import torch
+
+    # Tiny models gain nothing from intra-op threads, and spinning OpenMP threads slow down a shared 2-core box.
+    torch.set_num_threads(1)
     out = Path(out_dir)
     base = DEMO_BASE if steps is None else _merge(DEMO_BASE, {"algo": {"steps": steps}, "output": {"eval_every": max(1, steps // 3)}})
     rows = run_variants(["gprl", "grpo_bt"], base, out, log=log)
