@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gprl.config import DataSpec
-from gprl.gpm.data import DataError
+from gprl.gpm.data import DataError, load_hf
 
 
 def _prompt_of(rec: Any, where: str, spec: DataSpec, tokenizer, chat: bool) -> str:
@@ -42,9 +42,7 @@ def load_prompts(spec: DataSpec, tokenizer=None, chat_template: bool = True, wor
             raise DataError(f"data.prompts: {source!r} needs the synthetic world (model.policy world:policy)")
         return list(world_prompts)
     if source.startswith("hf:"):
-        import datasets
-
-        ds = datasets.load_dataset(source[3:], split=spec.split)
+        ds = load_hf(source[3:], spec.split)
         return [_prompt_of(r, f"{source}[{spec.split}] row {i}", spec, tokenizer, chat_template) for i, r in enumerate(ds)]
     path = Path(source)
     if not path.exists():

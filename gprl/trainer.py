@@ -381,6 +381,7 @@ class Trainer:
         path = self.checkpoint_root / f"step-{self.step:08d}"
         with atomic_dir(path) as tmp:
             self.policy.save_pretrained(tmp / "policy")
+            self.tokenizer.save_pretrained(tmp / "policy")  # a checkpoint's policy folder loads on its own
             torch.save(self._trainer_state(), tmp / "trainer_state.pt")
             dump_config(self.spec, tmp / "config.yaml")
         for old in sorted(self.checkpoint_root.glob("step-*"))[: -self.spec.checkpoint.keep_last]:

@@ -60,13 +60,22 @@ def pair_from_record(rec: Any, where: str, chat_template: Callable[[list[dict]],
     return PreferencePair(rec["prompt"], chosen, rejected, float(prob))
 
 
+def load_hf(name: str, split: str):
+    """A `datasets` dataset: a folder written by `save_to_disk`, or a name/path for `load_dataset`."""
+    import datasets
+
+    path = Path(name)
+    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    return datasets.load_dataset(name, split=split)
+
+
 def load_pairs(source: str | os.PathLike, split: str = "train", chat_template=None) -> list[PreferencePair]:
     """Read pairs from a JSONL path, or `hf:<name or path>` through `datasets.load_dataset`."""
     source = str(source)
     if source.startswith("hf:"):
-        import datasets
-
-        ds = datasets.load_dataset(source[3:], split=split)
+        ds = load_hf(source[3:], split)
         return [pair_from_record(rec, f"{source}[{split}] row {i}", chat_template) for i, rec in enumerate(ds)]
     path = Path(source)
     if not path.exists():

@@ -141,3 +141,46 @@ def test_cli_reports_bad_config_and_bad_dataset_line(assets, tmp_path, capsys):
     assert main(["train", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "prompts.jsonl:2" in err and "`prompt`" in err
+
+
+def test_lora_policy_trains_adapters_only_and_resumes(assets, tmp_path):
+    from gprl.trainer import Trainer
+
+    quiet = lambda *_: None  # noqa: E731
+    over = {"model.lora": {"enabled": True, "r": 4, "target_modules": ["q_proj", "v_proj"]}}
+    t = Trainer(spec_for(assets, tmp_path / "lora", **{"algo.steps": 1, **over}), log=quiet)
+    base_before = {n: p.detach().clone() for n, p in t.policy.named_parameters() if "lora_" not in n}
+    t.train()
+    trainable = [n for n, p in t.policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    for n, p in t.policy.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base_before[n]), n
+    resumed = Trainer(spec_for(assets, tmp_path / "lora", **{"algo.steps": 2, **over}), log=quiet).train()
+    assert [r["step"] for r in resumed] == [2]
+
+
+def test_prompts_from_a_datasets_folder_with_chat_messages(assets, tmp_path):
+    import datasets
+
+    from gprl.config import DataSpec
+    from gprl.data import load_prompts
+
+    datasets.Dataset.from_dict(
+        {"messages": [[{"role": "user", "content": "rock"}], [{"role": "user", "content": "paper"}]]}
+    ).save_to_disk(str(tmp_path / "ds"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets / "policy")
+    prompts = load_prompts(DataSpec(prompts=f"hf:{tmp_path / 'ds'}"), tok)
+    assert prompts == ["user: rock", "user: paper"]  # no chat template on this tokenizer: plain rendering
+
+
+def test_cli_eval_prints_gpm_win_rate(assets, capsys):
+    from gprl.cli import main
+
+    args = ["eval", "--policy", str(assets / "policy"), "--reference", str(assets / "policy"), "--gpm", str(assets / "gpm"),
+            "--prompts", str(assets / "prompts.jsonl"), "--num-prompts", "3", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["prompts"] == 3 and 0.0 < result["gpm_win_rate"] < 1.0 and "oracle_win_rate" not in result
