@@ -31,6 +31,9 @@ def cmd_train(args) -> int:
 
     spec = parse_config(apply_config_flags(_load_raw(args.config), args), args.config)
     Trainer(spec).train()
+    from gprl.distributed import shutdown
+
+    shutdown()  # multi-rank runs: leave together, process group torn down before exit
     return 0
 
 

@@ -60,6 +60,14 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def shutdown() -> None:
+    """Meet the other ranks, then tear the process group down before the interpreter exits (left to interpreter
+    teardown, a ZeRO-3 run's gloo threads can abort the process: "terminate called without an active exception")."""
+    if is_distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

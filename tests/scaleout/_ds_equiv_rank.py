@@ -31,7 +31,7 @@ def main(policy_dir: str, out: str, stage: int, offload: bool) -> None:
     state = learner.full_state_dict()
     if rank == 0:
         torch.save({"stats": stats, "state": {k: v.float() for k, v in state.items()}, "world": world}, out)
-    gdist.barrier()
+    gdist.shutdown()
 
 
 if __name__ == "__main__":

@@ -16,3 +16,6 @@ if __name__ == "__main__":
     pids.mkdir(parents=True, exist_ok=True)
     (pids / f"rank-{os.environ['RANK']}.pid").write_text(str(os.getpid()))
     Trainer(spec, log=lambda m: print(f"[rank {os.environ['RANK']}] {m}", flush=True)).train()
+    from gprl.distributed import shutdown
+
+    shutdown()

@@ -122,10 +122,16 @@ def test_colocated_greedy_and_logprobs_match_hf_before_and_after_push(engine, po
 
 
 def _start_server(policy_dir, port, log):
+    """`gprl serve-rollout --config run.yaml`, as the operator's rollout Deployment starts it."""
+    import yaml
+
+    cfg = Path(log).with_name("run.yaml")
+    cfg.write_text(yaml.safe_dump({"model": {"policy": str(policy_dir)}, "data": {"maxPromptTokens": 48},
+                                   "rollout": {"backend": "vllm", "maxNewTokens": 16}}))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
-        [sys.executable, "-m", "gprl.serving.rollout_server", "--model", str(policy_dir), "--host", "127.0.0.1",
-         "--port", str(port), "--max-model-len", "64", "--threads", "1"],
+        [sys.executable, "-m", "gprl.cli", "serve-rollout", "--config", str(cfg), "--host", "127.0.0.1",
+         "--port", str(port), "--threads", "1"],
         env=env, stdout=open(log, "a"), stderr=subprocess.STDOUT,
     )
 
