@@ -5,13 +5,12 @@ The sampler's order is a pure function of (seed, epoch, cursor), so a resumed ru
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any, Sequence
 
 from gprl.config import DataSpec
-from gprl.gpm.data import DataError, load_hf
+from gprl.gpm.data import DataError, jsonl_records, load_hf
 
 
 def _prompt_of(rec: Any, where: str, spec: DataSpec, tokenizer, chat: bool) -> str:
@@ -44,21 +43,11 @@ def load_prompts(spec: DataSpec, tokenizer=None, chat_template: bool = True, wor
     if source.startswith("hf:"):
         ds = load_hf(source[3:], spec.split)
         return [_prompt_of(r, f"{source}[{spec.split}] row {i}", spec, tokenizer, chat_template) for i, r in enumerate(ds)]
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"data.prompts: no such file {path} (a JSONL path, hf:<dataset>, or world:prompts)")
-    prompts = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            prompts.append(_prompt_of(rec, f"{path}:{lineno}", spec, tokenizer, chat_template))
+    if not Path(source).exists():
+        raise DataError(f"data.prompts: no such file {source} (a JSONL path, hf:<dataset>, or world:prompts)")
+    prompts = [_prompt_of(rec, where, spec, tokenizer, chat_template) for where, rec in jsonl_records(source)]
     if not prompts:
-        raise DataError(f"{path}: no prompts in the file")
+        raise DataError(f"{source}: no prompts in the file")
     return prompts
 
 

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,21 @@ def pair_from_record(rec: Any, where: str, chat_template: Callable[[list[dict]],
     return PreferencePair(rec["prompt"], chosen, rejected, float(prob))
 
 
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """(`file:line`, parsed object) for every non-blank line; a line that is not JSON stops with its place."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    with open(path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+
+
 def load_hf(name: str, split: str):
     """A `datasets` dataset: a folder written by `save_to_disk`, or a name/path for `load_dataset`."""
     import datasets
@@ -77,21 +92,9 @@ def load_pairs(source: str | os.PathLike, split: str = "train", chat_template=No
     if source.startswith("hf:"):
         ds = load_hf(source[3:], split)
         return [pair_from_record(rec, f"{source}[{split}] row {i}", chat_template) for i, rec in enumerate(ds)]
-    path = Path(source)
-    if not path.exists():
-        raise DataError(f"{path}: no such file")
-    pairs = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            pairs.append(pair_from_record(rec, f"{path}:{lineno}", chat_template))
+    pairs = [pair_from_record(rec, where, chat_template) for where, rec in jsonl_records(source)]
     if not pairs:
-        raise DataError(f"{path}: no preference pairs in the file")
+        raise DataError(f"{source}: no preference pairs in the file")
     return pairs
 
 

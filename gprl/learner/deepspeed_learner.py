@@ -32,7 +32,7 @@ from gprl import distributed as gdist
 from gprl.algo import policy_loss
 from gprl.algo.drift import Control
 from gprl.config import RunSpec
-from gprl.learner.torch_learner import UpdateStats, lr_factor, sequence_logprobs
+from gprl.learner.torch_learner import FrozenPasses, UpdateStats, lr_factor, sequence_logprobs
 from gprl.rollout.base import RolloutBatch
 
 CHECKPOINT_TAG = "learner"
@@ -79,7 +79,7 @@ def init_distributed() -> None:
         deepspeed.init_distributed(verbose=False)  # gloo on CPUs, NCCL on GPUs: DeepSpeed's accelerator decides
 
 
-class DeepSpeedLearner:
+class DeepSpeedLearner(FrozenPasses):
     def __init__(self, policy, reference, spec: RunSpec):
         import logging
 
@@ -108,28 +108,9 @@ class DeepSpeedLearner:
         self.warmup = int(algo.warmup_ratio * algo.steps)
         self.updates = 0  # optimizer steps taken (the lr schedule's clock)
 
-    # ------------------------------------------------------------------ helpers
-
-    def _micro_batches(self, batch: RolloutBatch):
-        n, size = batch.sequences.shape[0], self.spec.algo.micro_batch_size
-        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-    @torch.no_grad()
-    def _frozen_logprobs(self, model_or_none, batch: RolloutBatch) -> Tensor:
-        temp = self.spec.rollout.temperature
-        out = []
-        for rows in self._micro_batches(batch):
-            if model_or_none is None:
-                with self.policy.disable_adapter():
-                    out.append(sequence_logprobs(self.engine, batch, rows, temp)[0])
-            else:
-                out.append(sequence_logprobs(model_or_none, batch, rows, temp)[0])
-        return torch.cat(out)
-
-    def reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
-        if self.spec.algo.kl_coef == 0 and self.spec.drift.mode == "off":
-            return None
-        return self._frozen_logprobs(self.reference, batch)
+    @property
+    def forward_model(self):
+        return self.engine
 
     def _set_lr(self) -> float:
         algo = self.spec.algo

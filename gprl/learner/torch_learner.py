@@ -52,7 +52,42 @@ class UpdateStats:
     learning_rate: float
 
 
-class TorchLearner:
+class FrozenPasses:
+    """Micro-batched no-grad passes shared by the learners. `forward_model` runs the policy (the module itself,
+    or a DeepSpeed engine wrapping it); with LoRA and no separate reference, the reference is the policy with
+    its adapters switched off."""
+
+    spec: RunSpec
+    policy: object
+    reference: object
+
+    @property
+    def forward_model(self):
+        return self.policy
+
+    def _micro_batches(self, batch: RolloutBatch):
+        n, size = batch.sequences.shape[0], self.spec.algo.micro_batch_size
+        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model_or_none, batch: RolloutBatch) -> Tensor:
+        temp = self.spec.rollout.temperature
+        out = []
+        for rows in self._micro_batches(batch):
+            if model_or_none is None:
+                with self.policy.disable_adapter():
+                    out.append(sequence_logprobs(self.forward_model, batch, rows, temp)[0])
+            else:
+                out.append(sequence_logprobs(model_or_none, batch, rows, temp)[0])
+        return torch.cat(out)
+
+    def reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
+        if self.spec.algo.kl_coef == 0 and self.spec.drift.mode == "off":
+            return None  # nothing can turn the KL term on
+        return self._frozen_logprobs(self.reference, batch)
+
+
+class TorchLearner(FrozenPasses):
     def __init__(self, policy, reference, spec: RunSpec):
         self.policy = policy
         self.reference = reference  # None with LoRA: the base model with adapters off is the reference
@@ -64,27 +99,6 @@ class TorchLearner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda t: lr_factor(t, algo.steps, warmup, algo.lr_schedule)
         )
-
-    @torch.no_grad()
-    def _frozen_logprobs(self, model_or_none, batch: RolloutBatch) -> Tensor:
-        temp = self.spec.rollout.temperature
-        out = []
-        for rows in self._micro_batches(batch):
-            if model_or_none is None:
-                with self.policy.disable_adapter():
-                    out.append(sequence_logprobs(self.policy, batch, rows, temp)[0])
-            else:
-                out.append(sequence_logprobs(model_or_none, batch, rows, temp)[0])
-        return torch.cat(out)
-
-    def _micro_batches(self, batch: RolloutBatch):
-        n, size = batch.sequences.shape[0], self.spec.algo.micro_batch_size
-        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
-
-    def reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
-        if self.spec.algo.kl_coef == 0 and self.spec.drift.mode == "off":
-            return None  # nothing can turn the KL term on
-        return self._frozen_logprobs(self.reference, batch)
 
     def update(self, batch: RolloutBatch, advantages: Tensor, control: Control) -> UpdateStats:
         """epochs_per_batch optimizer steps over the batch, each accumulated over micro-batches."""
