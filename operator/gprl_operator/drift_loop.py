@@ -214,7 +214,7 @@ def decide(run: dict, now: str, cached: Optional[dict] = None) -> Decision:
             ms = monitor.state
             if ev["type"] == "trigger":
                 d.trigger_events += 1
-                d.reason = "Trigger"
+                d.reason = "Restore" if d.reason == "Restore" else "Trigger"
                 top = max(range(k), key=lambda i: (ms.spectrum[i] - ms.baseline[i]) / max(ms.baseline[i], 1e-12))
                 d.events.append({"type": "Warning", "reason": "DriftDetected",
                                  "message": f"D(t) = {ev['divergence']:.4g} > tau = {spec.drift.tau:g} at step {step}: "
@@ -385,7 +385,7 @@ def post_event(kube: Any, run: dict, etype: str, reason: str, message: str) -> N
     }
     # JSON is YAML: with this content type the kubernetes client's REST layer sends Kube.request's already
     # serialised body as it is (with application/json it would encode the string a second time).
-    kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body, content_type="application/yaml")
+    kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body)
 
 
 def tick(run: dict, kube: Any) -> Decision:

@@ -87,7 +87,9 @@ class Kube:
         payload = None
         if body is not None:
             headers["Content-Type"] = content_type
-            payload = json.dumps(body)
+            # The client serialises a plain application/json body itself (a pre-serialised string would be
+            # encoded twice); other types (merge-patch, apply-patch) go through as the string we make.
+            payload = body if content_type == "application/json" else json.dumps(body)
         url_path = path + (("?" + urlencode(query)) if query else "")
         m, url, hdrs, b, _ = self.api.param_serialize(
             method, url_path, header_params=headers, body=payload, auth_settings=["BearerToken"]

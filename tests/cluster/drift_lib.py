@@ -287,18 +287,28 @@ class StatusHistory:
 RESTARTS: list[tuple[float, float]] = []  # (stopped, ready) wall-clock times of the restarts of this process
 
 
-def restart_apiserver(cp, down_seconds: float = 3.0) -> None:
+def stop_apiserver(cp) -> list[str]:
+    """Stop the API server (SIGTERM, then SIGKILL); returns its argv for start_apiserver."""
     from gprl.devcluster.controlplane import ControlPlane
 
-    t0 = time.time()
+    RESTARTS.append((time.time(), float("inf")))
     (old,) = [p for p in cp.procs if p.name == "kube-apiserver"]
     argv = list(old.popen.args)
     ControlPlane._terminate(old)
     cp.procs.remove(old)
-    time.sleep(down_seconds)
+    return argv
+
+
+def start_apiserver(cp, argv: list[str]) -> None:
     new = cp._spawn("kube-apiserver", argv)
     cp._wait(new, lambda: cp._get_status("/readyz") == 200, "/readyz after restart")
-    RESTARTS.append((t0, time.time()))
+    RESTARTS[-1] = (RESTARTS[-1][0], time.time())
+
+
+def restart_apiserver(cp, down_seconds: float = 3.0) -> None:
+    argv = stop_apiserver(cp)
+    time.sleep(down_seconds)
+    start_apiserver(cp, argv)
 
 
 def outside_restarts(lines: list[str], grace: float = 20.0) -> list[str]:
