@@ -274,7 +274,8 @@ class OperatorProcess:
 
 
 # --------------------------------------------------------------------------------------
-# a second kwok with scripted pod lifecycles (Running for a while, then Succeeded, or Failed for a marked image)
+# a second kwok with scripted pod lifecycles: Job pods run for a while, then succeed (or fail for a marked image);
+# server pods (Deployments) stay Running
 
 STAGED_NODE_ANNOTATION = ("gprl.dev/kwok-stages", "true")
 STAGED_NODE_LABEL = ("gprl.dev/kwok-stages", "true")
@@ -345,6 +346,9 @@ spec:
     - key: '.spec.containers.[0].image'
       operator: '%(op)s'
       values: ['%(fail_image)s']
+    - key: '.metadata.ownerReferences.[].kind'
+      operator: 'In'
+      values: ['Job']
   delay:
     durationMilliseconds: %(delay)d
   next:

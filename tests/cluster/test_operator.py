@@ -334,3 +334,40 @@ def test_failed_pod_shows_in_conditions(control_plane, operator, staged_nodes, n
     assert "illegal memory access" in pf["message"]
     failed = condition(run, "Failed")
     assert failed["status"] == "True" and failed["reason"] == "BackoffLimitExceeded", failed
+
+
+def test_disaggregated_run_is_accepted_and_its_pod_graph_comes_up(control_plane, operator, staged_nodes, namespace):
+    """Rollout and GPM server Deployments plus the learner Job: accepted by the server, owned by the run, and
+    their pods scheduled and running on the fake GPU nodes (kwok); the learner Job then completes."""
+    cp = control_plane
+    bound_claim(cp, namespace, "ckpt")
+    spec = staged_spec(topology="disaggregated", rolloutReplicas=2, gpmReplicas=1, learnerReplicas=1)
+    assert create_run(cp, namespace, "disagg", spec)[0] == 201
+    uid = wait_for(lambda: get_run(cp, namespace, "disagg"), T, what="run")["metadata"]["uid"]
+
+    def deployment(name):
+        status, body = cp.request_raw("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
+                                      token=cp.admin_token)
+        return body if status == 200 else {}
+
+    def pods():
+        items = cp.request("GET", f"/api/v1/namespaces/{namespace}/pods")["items"]
+        return [(p["metadata"]["name"], p["spec"].get("nodeName"), p["status"].get("phase")) for p in items]
+
+    for name, replicas in (("disagg-rollout", 2), ("disagg-gpm", 1)):
+        try:
+            dep = wait_for(lambda: (lambda d: d if (d.get("status") or {}).get("readyReplicas") == replicas else None)(
+                deployment(name)), 2 * T, what=f"{name} ready")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\ndeployment: {deployment(name)}\npods: {pods()}\n{operator.proc.tail()}")
+        (ref,) = dep["metadata"]["ownerReferences"]
+        assert ref["uid"] == uid and ref["controller"] is True
+        svc = cp.request("GET", f"/api/v1/namespaces/{namespace}/services/{name}")
+        assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    phases = phase_history(cp, namespace, "disagg", {"Succeeded", "Failed"}, 2 * T)
+    assert phases[-1] == "Succeeded", phases
+    job = cp.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/disagg")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+    cfg = yaml.safe_load(cp.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/disagg-config")["data"]["config.yaml"])
+    wired = " ".join([str(cfg), str(env)])
+    assert "disagg-rollout" in wired and "disagg-gpm" in wired  # the learner is pointed at its servers
