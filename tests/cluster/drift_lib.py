@@ -77,29 +77,6 @@ def run_spec(assets: Path, mode: str = "operator", steps: int = 80, **drift: Any
     }
 
 
-def axis_scores_vs_reference(policy_dir: Path, assets: Path, n: int = 16, seed: int = 11) -> list[float]:
-    """Mean per-axis GPM score S_l(policy sample, reference sample) over the prompts (> 0: the policy moved
-    towards what axis l prefers)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gprl.evaluate import sample
-    from gprl.gpm import GeneralPreferenceModel
-
-    tok = AutoTokenizer.from_pretrained(assets / "policy")
-    ref = AutoModelForCausalLM.from_pretrained(assets / "policy")
-    pol = AutoModelForCausalLM.from_pretrained(policy_dir)
-    gpm = GeneralPreferenceModel.from_pretrained(assets / "gpm").eval()
-    rep, a = sample(pol, tok, PROMPTS, n, 6, 1.0, seed)
-    _, b = sample(ref, tok, PROMPTS, n, 6, 1.0, seed + 1)
-    with torch.no_grad():
-        oa, ob = gpm.score(tok, rep, a), gpm.score(tok, rep, b)
-    k = oa.eigenvalues.shape[-1]
-    va, vb = oa.embeddings.view(-1, k, 2), ob.embeddings.view(-1, k, 2)
-    s = oa.eigenvalues * (va[..., 0] * vb[..., 1] - va[..., 1] * vb[..., 0])
-    return [float(x) for x in s.mean(0)]
-
-
 # --------------------------------------------------------------------------------------
 # the trainer, started as the operator's pod would start it
 
@@ -195,22 +172,6 @@ class PodTrainer:
     def records(self) -> list[dict]:
         path = self.out / "steps.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def run_local(assets: Path, workdir: Path, mode: str = "off", steps: int = 80, **drift: Any) -> list[dict]:
-    """The same toy run without any cluster (`gprl train` on a plain config file)."""
-    spec = run_spec(assets, mode=mode, steps=steps, **drift)
-    spec.pop("resources")
-    spec["output"]["dir"] = str(Path(workdir) / "out")
-    cfg = Path(workdir) / "config.yaml"
-    Path(workdir).mkdir(parents=True, exist_ok=True)
-    cfg.write_text(yaml.safe_dump(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "GPRL_RUN"))}
-    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    out = subprocess.run([str(Path(sys.executable).parent / "gprl"), "train", "--config", str(cfg)], env=env,
-                         capture_output=True, text=True, timeout=900, cwd=workdir)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return [json.loads(line) for line in (Path(workdir) / "out" / "steps.jsonl").read_text().splitlines()]
 
 
 # --------------------------------------------------------------------------------------
