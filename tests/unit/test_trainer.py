@@ -9,25 +9,11 @@ import torch
 import yaml
 
 from gprl.config import parse_config
-from gprl.gpm import GeneralPreferenceModel, GPMConfig
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory, toy_tokenizer, toy_backbone_config):
-    from transformers import LlamaForCausalLM
-
-    root = tmp_path_factory.mktemp("assets")
-    torch.manual_seed(0)
-    policy = LlamaForCausalLM(toy_backbone_config)
-    policy.generation_config.pad_token_id = toy_tokenizer.pad_token_id
-    policy.save_pretrained(root / "policy")
-    toy_tokenizer.save_pretrained(root / "policy")
-    gpm = GeneralPreferenceModel.from_backbone_config(toy_backbone_config, GPMConfig(axes=3))
-    torch.nn.init.normal_(gpm.eigenvalue_gate.weight, std=1.0)
-    gpm.save_pretrained(root / "gpm")
-    words = ["rock", "paper", "scissors", "good the", "a of x", "which wins y"]
-    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
-    return root
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def spec_for(assets, out, **over):
