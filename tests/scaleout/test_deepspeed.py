@@ -81,7 +81,9 @@ def test_trainer_two_ranks_kill_one_then_resume(tiny_assets, warm_deepspeed, tmp
 
     out = tmp_path / "run"
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(run_spec(tiny_assets, out, steps=4)))
+    # Enough steps that the kill lands mid-run even when the box is idle (a step of the toy takes a fraction of a second).
+    steps = 30
+    cfg.write_text(yaml.safe_dump(run_spec(tiny_assets, out, steps=steps)))
     log1, log2 = tmp_path / "torchrun-1.log", tmp_path / "torchrun-2.log"
     proc = torchrun([str(HERE / "_train_rank.py"), str(cfg)], log=log1, popen=True)
     try:
@@ -97,14 +99,14 @@ def test_trainer_two_ranks_kill_one_then_resume(tiny_assets, warm_deepspeed, tmp
             proc.kill()
     assert rc != 0, "the group should fail when a rank dies"
     done_before = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert "step-00000004" not in done_before
+    assert f"step-{steps:08d}" not in done_before
     res = torchrun([str(HERE / "_train_rank.py"), str(cfg)], log=log2, timeout=600)
     text = log2.read_text()
     assert res.returncode == 0, text[-4000:]
     assert "resumed from" in text, text[-4000:]
-    steps = [json.loads(l)["step"] for l in (out / "steps.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
-    final = out / "checkpoints" / "step-00000004"
+    done = [json.loads(l)["step"] for l in (out / "steps.jsonl").read_text().splitlines()]
+    assert done == list(range(1, steps + 1))
+    final = out / "checkpoints" / f"step-{steps:08d}"
     assert (final / "learner").is_dir() and (final / "policy" / "config.json").exists()
     assert not list((out / "checkpoints").glob(".step-*"))  # no partial checkpoint left behind
     from transformers import AutoModelForCausalLM
