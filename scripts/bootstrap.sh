@@ -12,7 +12,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 stamp="$venv/.gprl-stamp"
-want=$(cat "$here/pyproject.toml" "$here/operator/pyproject.toml" | sha256sum | cut -c1-16)
+# The checkout's path is part of the stamp: the editable install must point at this checkout, not another one.
+want=$( (echo "$here"; cat "$here/pyproject.toml" "$here/operator/pyproject.toml") | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$venv/bin/python" -c "import gprl, gprl_operator" 2>/dev/null; then
   echo "[bootstrap] installing gprl and its dependencies (first time: several minutes, torch is large)" >&2
   "$venv/bin/pip" install -q --upgrade pip >&2
