@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 
 import pytest
 
 from gprl.devcluster import ControlPlane
+from gprl_k8s_testlib import wait_for
 from gprl.devcluster.controlplane import DEFAULT_K8S_VERSION
 
 FAKE_GPU_NODE, GPUS_PER_NODE = "gpu-node-0", 8  # as created by the control_plane fixture (conftest.py)
 
 pytestmark = pytest.mark.cluster
-
-
-def wait_for(fn, timeout=60.0, interval=0.25, what="condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 def test_api_server_answers(control_plane, k8s_api_client):
