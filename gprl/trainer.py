@@ -98,6 +98,9 @@ class Trainer:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         policy = AutoModelForCausalLM.from_pretrained(src.policy, dtype=dtype)
+        if spec.learner.gradient_checkpointing:
+            # non-reentrant: gradients reach LoRA adapters without the inputs needing requires_grad
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         reference = None
         if spec.model.lora.enabled:
             from peft import LoraConfig, get_peft_model

@@ -101,14 +101,14 @@ def run_gprl(args, learner: str) -> dict:
         "algo": {"steps": args.steps, "prompts_per_step": args.prompts, "group_size": args.group,
                  "learning_rate": 1e-6, "kl_coef": 0.04, "micro_batch_size": args.prompts * args.group},
         "rollout": {"max_new_tokens": args.max_new_tokens, "top_k": 0, "temperature": 1.0},
-        "learner": {"backend": learner, "zero_stage": 2},
+        "learner": {"backend": learner, "zero_stage": 2, "gradient_checkpointing": args.checkpointing == "both"},
         "drift": {"mode": "in_process"},
         "checkpoint": {"every_steps": 1_000_000, "resume": False},
         "output": {"dir": tempfile.mkdtemp(prefix="gpu-bench-gprl-"), "progress": False, "report": False},
     })
     trainer = Trainer(spec, log=lambda *_: None)
     assert trainer.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    times, tokens, phases = [], [], {}
+    times, tokens, phases, generate = [], [], {}, []
     for i in range(args.steps):
         torch.cuda.synchronize() if torch.cuda.is_available() else None
         t0 = time.perf_counter()
@@ -117,11 +117,12 @@ def run_gprl(args, learner: str) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             tokens.append(rec["tokens"])
+            generate.append(rec["timings"]["generate"])
             for k, v in rec["timings"].items():
                 phases[k] = phases.get(k, 0.0) + v
     total = sum(times)
-    return {"side": f"gprl-{learner}", "median_step_seconds": statistics.median(times),
-            "tokens_per_second": sum(tokens) / total, "mean_new_tokens": sum(tokens) / len(tokens) / (args.prompts * args.group),
+    return {"side": f"gprl-{learner}", "median_step_seconds": statistics.median(times), "step_seconds": times,
+            "generate_seconds": generate, "tokens_per_second": sum(tokens) / total, "mean_new_tokens": sum(tokens) / len(tokens) / (args.prompts * args.group),
             "phase_share": {k: v / total for k, v in phases.items()}, "peak_gpu_gb": _peak_gb()}
 
 
@@ -159,7 +160,7 @@ def run_trl(args) -> dict:
         beta=0.04, learning_rate=1e-6, max_steps=args.steps, logging_steps=1, report_to=[], save_strategy="no",
         temperature=1.0, top_k=0, top_p=1.0, gradient_accumulation_steps=1, seed=0, disable_dropout=True,
         shuffle_dataset=False, dataloader_num_workers=0, bf16=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(), use_vllm=False,
+        use_cpu=not torch.cuda.is_available(), use_vllm=False, gradient_checkpointing=args.checkpointing != "none",
     )
     marks = []
 
@@ -182,7 +183,7 @@ def run_trl(args) -> dict:
     # GRPO generates inside the step (steps_per_generation=1): begin→end of step i covers its whole work
     times = [e[1] - b[1] for b, e in zip(begins, ends)][args.warmup :]
     toks = [e[2] - b[2] for b, e in zip(begins, ends)][args.warmup :]
-    return {"side": "trl", "median_step_seconds": statistics.median(times), "tokens_per_second": sum(toks) / sum(times),
+    return {"side": "trl", "median_step_seconds": statistics.median(times), "step_seconds": times, "tokens_per_second": sum(toks) / sum(times),
             "mean_new_tokens": sum(toks) / len(toks) / (args.prompts * G), "peak_gpu_gb": _peak_gb()}
 
 
@@ -196,6 +197,9 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompt-words", type=int, default=32)
+    ap.add_argument("--checkpointing", choices=["both", "none", "trl-only"], default="both",
+                    help="activation checkpointing on which side (TRL's GRPOConfig turns it on by default; the "
+                         "2026-11-27 runs in BENCHMARKS.md were trl-only)")
     ap.add_argument("--small", action="store_true", help="a tiny shape, to check the script anywhere")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--out", default=None)
@@ -212,19 +216,21 @@ def main() -> None:
     t0 = time.perf_counter()
     build_assets(Path(args.workdir), shape, n_prompts=args.prompts * (args.steps + 2), prompt_words=args.prompt_words)
     print(f"assets ({shape}) built in {time.perf_counter() - t0:.1f}s under {args.workdir}", flush=True)
-    results = {}
-    for side in args.sides.split(","):
+    results = {}  # label -> result; a side named twice (ABAB order) shows the run-to-run spread
+    for i, side in enumerate(args.sides.split(",")):
+        label = side if side not in results else f"{side}#{i}"
         cmd = [sys.executable, __file__, f"--side={side}", f"--workdir={args.workdir}", f"--steps={args.steps}",
                f"--warmup={args.warmup}", f"--prompts={args.prompts}", f"--group={args.group}",
-               f"--max-new-tokens={args.max_new_tokens}"]
+               f"--max-new-tokens={args.max_new_tokens}", f"--checkpointing={args.checkpointing}"]
         t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))))
         lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
         if out.returncode or not lines:
             print(f"{side} FAILED (rc {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}", flush=True)
             continue
-        results[side] = json.loads(lines[-1][7:])
-        print(f"{side}: {results[side]} ({time.perf_counter() - t0:.0f}s)", flush=True)
+        results[label] = json.loads(lines[-1][7:])
+        print(f"{label}: {results[label]} ({time.perf_counter() - t0:.0f}s)", flush=True)
     import torch
 
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -234,8 +240,13 @@ def main() -> None:
     for side, r in results.items():
         print(f"| {side} | {r['median_step_seconds']:.3f} | {r['tokens_per_second']:.0f} | {r['mean_new_tokens']:.1f} | "
               f"{r['peak_gpu_gb']:.1f} |")
-    if "trl" in results and "gprl" in results:
-        print(f"\nGPRL / TRL step time: {results['gprl']['median_step_seconds'] / results['trl']['median_step_seconds']:.2f}x")
+    def pooled(side):
+        runs = [r for label, r in results.items() if label.split("#")[0] == side]
+        return statistics.median(t for r in runs for t in r["step_seconds"]) if runs else None
+
+    trl, gprl = pooled("trl"), pooled("gprl")
+    if trl and gprl:
+        print(f"\nGPRL / TRL step time (median over every timed step of every run of each side): {gprl / trl:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"card": card, "shape": shape, "args": vars(args), "results": results}, indent=2))
 

@@ -92,8 +92,6 @@ class DeepSpeedLearner(FrozenPasses):
         self.world, self.rank = gdist.world_size(), gdist.rank()
         self.stage = spec.learner.zero_stage
         algo = spec.algo
-        if spec.learner.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
         params = [p for p in policy.parameters() if p.requires_grad]
         if spec.learner.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

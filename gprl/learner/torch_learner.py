@@ -15,18 +15,23 @@ from gprl.rollout.base import RolloutBatch
 
 
 def sequence_logprobs(model, batch: RolloutBatch, rows: slice, temperature: float, with_entropy: bool = False):
-    """Per-token log-probs (and entropies) of the response tokens in rows of the batch. Returns (n, T) tensors."""
+    """Per-token log-probs (and entropies) of the response tokens in rows of the batch. Returns (n, T) tensors.
+
+    log p(y) = logit_y - logsumexp(logits): no (n, T, vocab) log-softmax is kept for the backward pass, and the
+    entropy (a statistic, no gradient) is computed one sequence at a time, so the vocabulary-sized temporaries
+    stay at one row's worth."""
     ids = batch.sequences[rows]
     mask = batch.attention_mask[rows]
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # left padding: positions as in generation
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     logits = logits[:, batch.prompt_width - 1 : -1].float() / temperature
-    logprobs = torch.log_softmax(logits, dim=-1)
-    taken = logprobs.gather(-1, batch.response_ids[rows].unsqueeze(-1)).squeeze(-1)
+    taken = logits.gather(-1, batch.response_ids[rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     if not with_entropy:
         return taken, None
     with torch.no_grad():
-        entropy = -(logprobs.exp() * logprobs).sum(-1)
+        entropy = torch.stack([
+            torch.logsumexp(row, dim=-1) - (torch.softmax(row, dim=-1) * row).sum(-1) for row in logits.detach()
+        ])
     return taken, entropy
 
 

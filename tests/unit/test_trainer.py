@@ -170,3 +170,20 @@ def test_cli_eval_prints_gpm_win_rate(assets, capsys):
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["prompts"] == 3 and 0.0 < result["gpm_win_rate"] < 1.0 and "oracle_win_rate" not in result
+
+
+def test_gradient_checkpointing_is_applied_and_changes_no_number(assets, tmp_path):
+    """learner.gradientCheckpointing trades compute for activation memory; the update must stay the same."""
+    from gprl.trainer import Trainer
+
+    quiet = lambda *_: None  # noqa: E731
+    plain = Trainer(spec_for(assets, tmp_path / "plain", **{"algo.steps": 1}), log=quiet)
+    a = plain.train()[0]  # each run seeds the global RNG when built: build and run one after the other
+    ckpt = Trainer(spec_for(assets, tmp_path / "ckpt", **{"algo.steps": 1, "learner.gradient_checkpointing": True}),
+                   log=quiet)
+    b = ckpt.train()[0]
+    assert ckpt.policy.is_gradient_checkpointing and not plain.policy.is_gradient_checkpointing
+    for key in ("loss", "kl", "entropy", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    for p, q in zip(plain.policy.parameters(), ckpt.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
