@@ -176,6 +176,17 @@ class DriftSpec(_Spec):
     relax_time: float = Field(10.0, gt=0, description="Time constant T (steps) of the decay back to baseline.")
     warmup_steps: int = Field(5, ge=1, description="Steps averaged into the baseline spectrum α(0).")
     ema: float = Field(0.3, gt=0, le=1, description="EMA factor of the spectrum (1 = no smoothing).")
+    lead_tau: float = Field(
+        0.06, ge=0, lt=0.5,
+        description="Trigger threshold τ_L on the win-rate lead L = w_top − max(0.5, w_second) of the per-axis win "
+                    "rates against reference samples (the probe); 0 turns this signal off.",
+    )
+    probe_every: int = Field(
+        5, ge=0, description="Steps between win-rate probes (policy samples against cached reference samples, scored "
+                             "per axis by the GPM); 0 = no probe.",
+    )
+    probe_prompts: int = Field(32, ge=1, description="Prompts of a probe (the held-out prompts when the data has them).")
+    probe_samples: int = Field(2, ge=1, description="Samples per prompt of a probe, from the policy and the reference.")
     pinned_weights: Optional[list[float]] = Field(
         None, description="Axis weights fixed by hand (length k, mean 1 after renormalisation); the monitor keeps them."
     )

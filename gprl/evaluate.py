@@ -48,6 +48,19 @@ def gpm_win_rate(gpm: GeneralPreferenceModel, tokenizer, prompts: Sequence[str],
     return float(torch.sigmoid(s / gpm.config.beta).mean())
 
 
+@torch.no_grad()
+def axis_win_rates(gpm: GeneralPreferenceModel, tokenizer, prompts: Sequence[str], a: Sequence[str],
+                   b: Sequence[str]) -> list[float]:
+    """Per axis l, mean σ(λ_l(x) (a_l(a) b_l(b) − b_l(a) a_l(b)) / β): how often a beats b on that axis alone.
+    Returns k floats. One axis near 1 while the others sit at or below 0.5 is single-axis exploitation."""
+    out_a = gpm.score(tokenizer, prompts, a)
+    out_b = gpm.score(tokenizer, prompts, b)
+    a_a, b_a = out_a.embeddings[:, 0::2], out_a.embeddings[:, 1::2]
+    a_b, b_b = out_b.embeddings[:, 0::2], out_b.embeddings[:, 1::2]
+    s = out_a.eigenvalues * (a_a * b_b - b_a * a_b)  # (N, k)
+    return torch.sigmoid(s / gpm.config.beta).mean(0).tolist()
+
+
 def oracle_win_rate(oracle, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
     from gprl.world.oracle import win_rate
 

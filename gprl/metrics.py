@@ -10,6 +10,8 @@ TRAINER_GAUGES = {
     "gprl_drift_divergence": "D(t) = KL(α(t) ‖ α(0)) of the variance spectrum.",
     "gprl_drift_threshold": "Trigger threshold τ of the drift monitor.",
     "gprl_drift_triggered": "1 while the drift monitor is triggered.",
+    "gprl_drift_win_rate_lead": "Win-rate lead L = w_top − max(½, w_second) of the last probe (in_process mode).",
+    "gprl_drift_win_rate_lead_threshold": "Trigger threshold τ_L on the win-rate lead.",
     "gprl_kl_coef": "β_KL in use.",
     "gprl_clip_eps_low": "ε_low in use.",
     "gprl_clip_eps_high": "ε_high in use.",
@@ -27,6 +29,7 @@ TRAINER_AXIS_GAUGES = {
     "gprl_axis_spectrum_baseline": "α_l(0): the start-of-run spectrum.",
     "gprl_axis_weight": "Control weight m_l of axis l.",
     "gprl_axis_eigenvalue": "Mean eigenvalue λ_l(x) over the batch's prompts.",
+    "gprl_axis_win_rate": "Win rate of policy samples against reference samples on axis l (last probe).",
 }
 
 
@@ -62,10 +65,14 @@ class TrainerMetrics:
             ("gprl_loss", "loss"), ("gprl_learning_rate", "learning_rate"),
         ]:
             self.gauges[name].labels(r).set(float(rec[key]))
+        if rec.get("win_rate_lead") is not None:
+            self.gauges["gprl_drift_win_rate_lead"].labels(r).set(float(rec["win_rate_lead"]))
+        if rec.get("win_rate_lead_threshold") is not None:
+            self.gauges["gprl_drift_win_rate_lead_threshold"].labels(r).set(float(rec["win_rate_lead_threshold"]))
         for name, key in [
             ("gprl_axis_variance", "axis_variance"), ("gprl_axis_spectrum", "spectrum"),
             ("gprl_axis_spectrum_baseline", "spectrum_baseline"), ("gprl_axis_weight", "weights"),
-            ("gprl_axis_eigenvalue", "eigenvalues"),
+            ("gprl_axis_eigenvalue", "eigenvalues"), ("gprl_axis_win_rate", "axis_win_rate"),
         ]:
             for axis, value in enumerate(rec.get(key) or []):
                 self.axis[name].labels(r, str(axis)).set(float(value))

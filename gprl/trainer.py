@@ -222,9 +222,13 @@ class Trainer:
             stats = self.learner.update(batch, adv.detach().reshape(-1).to(batch.sequences.device), control)
             self.policy_version += 1
             self.rollout.sync_weights(self.policy, self.policy_version)
+        win_rate = None
+        if spec.drift.mode != "off" and spec.drift.probe_every and (self.step + 1) % spec.drift.probe_every == 0:
+            with timer("probe"):
+                win_rate = self.probe()
         with timer("monitor"):
             if spec.drift.mode == "in_process":
-                self.control = self.monitor.update(axis_var.tolist())
+                self.control = self.monitor.update(axis_var.tolist(), win_rate)
             state = self.monitor.state
         self.step += 1
         elapsed = time.perf_counter() - t0
@@ -248,6 +252,9 @@ class Trainer:
             "spectrum": state.spectrum,
             "spectrum_baseline": state.baseline,
             "divergence": state.divergence,
+            "axis_win_rate": win_rate,  # measured on probe steps, else None
+            "win_rate_lead": state.lead if spec.drift.mode == "in_process" else None,
+            "win_rate_lead_threshold": spec.drift.lead_tau,
             "tau": spec.drift.tau,
             "triggered": int(state.triggered),
             "trigger_events": sum(e["type"] == "trigger" for e in state.events) if spec.drift.mode == "in_process" else 0,
@@ -271,23 +278,44 @@ class Trainer:
         pool = self.sources.heldout_prompts or self.sampler.prompts
         return list(pool[: self.spec.output.eval_prompts])
 
+    def _sample_reference(self, prompts: list[str], n: int, seed: int) -> list[str]:
+        """n reference-policy samples per prompt (the policy with its adapters off, under LoRA)."""
+        from gprl.evaluate import sample
+
+        ro = self.spec.rollout
+        if self.reference is None:
+            with self.policy.disable_adapter():
+                return sample(self.policy, self.tokenizer, prompts, n, ro.max_new_tokens, ro.temperature, seed)[1]
+        return sample(self.reference, self.tokenizer, prompts, n, ro.max_new_tokens, ro.temperature, seed)[1]
+
+    def probe(self) -> list[float]:
+        """Per-axis win rates of policy samples against reference samples on the probe prompts (the drift monitor's
+        second signal). The reference samples are drawn once; the policy's with the same seed each time, so that
+        successive probes differ by the policy, not by the draw. Runs on every rank (collective-safe)."""
+        from gprl.evaluate import axis_win_rates, sample
+
+        d, ro = self.spec.drift, self.spec.rollout
+        pool = self.sources.heldout_prompts or self.sampler.prompts
+        prompts = list(pool[: d.probe_prompts])
+        if getattr(self, "_probe_reference", None) is None:
+            self._probe_reference = self._sample_reference(prompts, d.probe_samples, self.spec.seed + 3)
+        rep, mine = sample(self.policy, self.tokenizer, prompts, d.probe_samples, ro.max_new_tokens, ro.temperature,
+                           self.spec.seed + 4)
+        return axis_win_rates(self.gpm, self.gpm_tokenizer, rep, mine, self._probe_reference)
+
     def evaluate(self) -> dict:
         """Win rate of the current policy against the reference on held-out prompts (same seeds each time)."""
-        from gprl.evaluate import gpm_win_rate, oracle_win_rate, sample
+        from gprl.evaluate import axis_win_rates, gpm_win_rate, oracle_win_rate, sample
 
-        spec = self.spec
+        spec, ro = self.spec, self.spec.rollout
         prompts = self._eval_prompts()
-        args = (spec.output.eval_samples, spec.rollout.max_new_tokens, spec.rollout.temperature, spec.seed + 1)
         if getattr(self, "_reference_samples", None) is None:
-            ref_model = self.reference
-            if ref_model is None:
-                with self.policy.disable_adapter():
-                    self._reference_samples = sample(self.policy, self.tokenizer, prompts, *args)[1]
-            else:
-                self._reference_samples = sample(ref_model, self.tokenizer, prompts, *args)[1]
-        rep, mine = sample(self.policy, self.tokenizer, prompts, *args[:3], spec.seed + 2)
+            self._reference_samples = self._sample_reference(prompts, spec.output.eval_samples, spec.seed + 1)
+        rep, mine = sample(self.policy, self.tokenizer, prompts, spec.output.eval_samples, ro.max_new_tokens,
+                           ro.temperature, spec.seed + 2)
         ref = self._reference_samples
-        rec = {"step": self.step, "gpm_win_rate": gpm_win_rate(self.gpm, self.gpm_tokenizer, rep, mine, ref)}
+        rec = {"step": self.step, "gpm_win_rate": gpm_win_rate(self.gpm, self.gpm_tokenizer, rep, mine, ref),
+               "gpm_axis_win_rate": axis_win_rates(self.gpm, self.gpm_tokenizer, rep, mine, ref)}
         if self.sources.oracle is not None:
             rec["oracle_win_rate"] = oracle_win_rate(self.sources.oracle, rep, mine, ref)
             rec.update({f"policy_{k}": v for k, v in self.sources.oracle_stats(rep, mine).items()})

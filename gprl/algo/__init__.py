@@ -4,7 +4,7 @@ The drift monitor is torch-free and imported eagerly; the tensor functions load 
 (which runs the same DriftMonitor in an image without torch) can import `gprl.algo`.
 """
 
-from gprl.algo.drift import Control, DriftMonitor, single_axis_exploitation
+from gprl.algo.drift import Control, DriftMonitor, win_rate_lead
 
 _LAZY = {
     **dict.fromkeys(
@@ -24,4 +24,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'gprl.algo' has no attribute {name!r}")
 
 
-__all__ = ["Control", "DriftMonitor", "single_axis_exploitation", *_LAZY]
+__all__ = ["Control", "DriftMonitor", "win_rate_lead", *_LAZY]

@@ -1,10 +1,17 @@
 """Closed-loop drift monitor (method.md §3).
 
-It watches the variance spectrum α(t) — how the per-axis spread of raw group scores is
-shared among the k axes — and its divergence D(t) = KL(α(t) ‖ α(0)) from the start of the
-run. Above τ it down-weights the axes that gained share, raises β_KL and tightens ε; below
-release_ratio·τ it relaxes back to baseline. It takes plain per-axis statistics (lists or
-tensors), so the trainer and the Kubernetes operator run the very same object.
+Two signals:
+
+- the variance spectrum α(t) — how the per-axis spread of raw group scores is shared among the
+  k axes — and its divergence D(t) = KL(α(t) ‖ α(0)) from the start of the run;
+- the win-rate lead L(t) = w_top − max(½, w_second) of the per-axis win rates w_l of current
+  samples against reference samples (the second signal of §3). It sees exploitation of an axis
+  that dominated from the start, which leaves the spectrum where it was.
+
+Above τ (or L above τ_L) it down-weights the axes that gained share and the leading axis, raises
+β_KL and tightens ε; when both fall below release_ratio times their thresholds it relaxes back to
+baseline. It takes plain per-axis statistics (lists or tensors), so the trainer and the
+Kubernetes operator run the very same object.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ class DriftState:
     baseline_count: int = 0
     baseline: list[float] | None = None  # α(0)
     divergence: float = 0.0  # D(t)
+    win_rate: list[float] | None = None  # last probed per-axis win rates against the reference
+    lead: float = 0.0  # L(t)
+    lead_axis: int | None = None
     triggered: bool = False
     interventions: int = 0  # number of trigger events
     control: Control | None = None
@@ -68,6 +78,15 @@ def renormalise(weights: Sequence[float], lo: float, hi: float) -> list[float]:
     return weights
 
 
+def win_rate_lead(axis_win_rate: Sequence[float]) -> tuple[float, int]:
+    """L = w_top − max(½, w_second) and the top axis: how much further one axis beats the reference than any
+    other does. 0 when no axis beats it."""
+    w = [float(x) for x in axis_win_rate]
+    top = max(range(len(w)), key=lambda i: w[i])
+    second = max([x for i, x in enumerate(w) if i != top], default=0.5)
+    return max(0.0, w[top] - max(0.5, second)), top
+
+
 class DriftMonitor:
     def __init__(self, spec: DriftSpec, axes: int, kl_coef: float, eps_low: float, eps_high: float):
         self.spec = spec
@@ -85,15 +104,21 @@ class DriftMonitor:
     def control(self) -> Control:
         return self.state.control
 
-    def update(self, axis_variance: Sequence[float]) -> Control:
-        """Feed one step's E_batch[var_i ŝ_l(i)] (k values); returns the control for the next step."""
+    def update(self, axis_variance: Sequence[float], axis_win_rate: Sequence[float] | None = None) -> Control:
+        """Feed one step's E_batch[var_i ŝ_l(i)] (k values), and the per-axis win rates against the reference on
+        the steps that probed them; returns the control for the next step."""
         if len(axis_variance) != self.axes:
             raise ValueError(f"expected {self.axes} per-axis variances, got {len(axis_variance)}")
+        if axis_win_rate is not None and len(axis_win_rate) != self.axes:
+            raise ValueError(f"expected {self.axes} per-axis win rates, got {len(axis_win_rate)}")
         s, spec = self.state, self.spec
         s.events = []
         raw = spectrum_of(axis_variance)
         s.spectrum = raw if s.spectrum is None else [spec.ema * r + (1 - spec.ema) * p for r, p in zip(raw, s.spectrum)]
         s.step += 1
+        if axis_win_rate is not None:  # a probe is a slow signal: it holds until the next one
+            s.win_rate = [float(w) for w in axis_win_rate]
+            s.lead, s.lead_axis = win_rate_lead(s.win_rate)
 
         if s.baseline is None:
             s.baseline_sum = raw if s.baseline_sum is None else [a + r for a, r in zip(s.baseline_sum, raw)]
@@ -104,24 +129,39 @@ class DriftMonitor:
             return s.control
 
         s.divergence = kl_divergence(s.spectrum, s.baseline)
-        if not s.triggered and s.divergence > spec.tau:
+        leading = spec.lead_tau > 0 and s.lead > spec.lead_tau
+        if not s.triggered and (s.divergence > spec.tau or leading):
             s.triggered, s.interventions = True, s.interventions + 1
-            s.events.append({"type": "trigger", "step": s.step, "divergence": s.divergence})
-        elif s.triggered and s.divergence < spec.release_ratio * spec.tau:
+            s.events.append({"type": "trigger", "step": s.step, "divergence": s.divergence, "lead": s.lead,
+                             "signal": "spectrum" if s.divergence > spec.tau else "win_rate"})
+        elif s.triggered and s.divergence < spec.release_ratio * spec.tau and \
+                (spec.lead_tau <= 0 or s.lead < spec.release_ratio * spec.lead_tau):
             s.triggered = False
-            s.events.append({"type": "release", "step": s.step, "divergence": s.divergence})
+            s.events.append({"type": "release", "step": s.step, "divergence": s.divergence, "lead": s.lead})
 
         s.control = self._tighten(s.control) if s.triggered else self._relax(s.control)
         return s.control
+
+    def overused_axis(self) -> int:
+        """The axis the monitor holds back most: the leader when the win-rate signal is over its threshold, else
+        the axis that gained the most spectrum share."""
+        s, spec = self.state, self.spec
+        if spec.lead_tau > 0 and s.lead > spec.lead_tau and s.lead_axis is not None:
+            return s.lead_axis
+        return max(range(self.axes), key=lambda l: (s.spectrum[l] - s.baseline[l]) / max(s.baseline[l], _TINY))
 
     def _tighten(self, c: Control) -> Control:
         spec, alpha, alpha0 = self.spec, self.state.spectrum, self.state.baseline
         if spec.pinned_weights is not None:
             weights = self._baseline_control().weights
         else:
-            weights = [
-                m * math.exp(-spec.eta * (a - a0) / max(a0, _TINY)) for m, a, a0 in zip(c.weights, alpha, alpha0)
-            ]
+            # pressure on axis l: its relative gain of spectrum share, plus, for the leading axis, how far the lead
+            # is over its threshold
+            s = self.state
+            pressure = [(a - a0) / max(a0, _TINY) for a, a0 in zip(alpha, alpha0)]
+            if spec.lead_tau > 0 and s.lead > spec.lead_tau and s.lead_axis is not None:
+                pressure[s.lead_axis] += s.lead / spec.lead_tau
+            weights = [m * math.exp(-spec.eta * p) for m, p in zip(c.weights, pressure)]
             weights = renormalise(weights, spec.weight_min, spec.weight_max)
         kl_coef = min(spec.kl_coef_max, max(c.kl_coef, 1e-3) * spec.kappa)
         eps_low, eps_high = c.eps_low, c.eps_high
@@ -158,13 +198,3 @@ class DriftMonitor:
         self.state = DriftState(**known, control=Control(**control) if control else self._baseline_control())
         if len(self.state.control.weights) != self.axes:
             raise ValueError(f"drift state has {len(self.state.control.weights)} axes, monitor has {self.axes}")
-
-
-def single_axis_exploitation(axis_win_rates: Sequence[float], high: float = 0.9, low: float = 0.5) -> int | None:
-    """The second signal of method.md §3: per-axis win rates of current samples against reference
-    samples. Returns the axis that wins almost always while every other axis loses, else None."""
-    top = max(range(len(axis_win_rates)), key=lambda i: axis_win_rates[i])
-    others = [w for i, w in enumerate(axis_win_rates) if i != top]
-    if axis_win_rates[top] >= high and others and all(w < low for w in others):
-        return top
-    return None

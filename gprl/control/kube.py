@@ -66,7 +66,8 @@ SCALARS = {
     "eps_high": "epsHigh",
     "exploit": "exploit",
 }
-LISTS = {"axis_variance": "axisVariance", "eigenvalues": "eigenvalues", "weights": "weights", "oracle_axes": "oracleAxes"}
+LISTS = {"axis_variance": "axisVariance", "axis_win_rate": "axisWinRate", "eigenvalues": "eigenvalues",
+         "weights": "weights", "oracle_axes": "oracleAxes"}
 
 
 def now_rfc3339() -> str:
@@ -284,8 +285,10 @@ class KubeControlChannel:
                 if self._dropped == 1:
                     self.log(f"control: more than {self._history.maxlen} steps not yet seen by the operator; dropping "
                              "the oldest (GPRL_CONTROL_HISTORY raises the limit)")
-            self._history.append({"step": self._step, "axisVariance": [float(v) for v in axis_var],
-                                  "at": now_rfc3339()})
+            item = {"step": self._step, "axisVariance": [float(v) for v in axis_var], "at": now_rfc3339()}
+            if record.get("axis_win_rate") is not None:  # a probe step: the monitor's second signal
+                item["axisWinRate"] = [float(w) for w in record["axis_win_rate"]]
+            self._history.append(item)
         now = self.clock()
         last = self._step >= self.spec.algo.steps
         if not last and now - self._last_report < self.report_seconds:

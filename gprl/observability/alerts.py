@@ -32,11 +32,16 @@ def rules() -> dict[str, Any]:
             "GPRLSingleAxisExploitationSuspected",
             "max by (namespace, run) ((gprl_operator_drift_axis_spectrum > 0.6) and "
             "(gprl_operator_drift_axis_spectrum > 2 * gprl_operator_drift_axis_spectrum_baseline))"
-            " or max by (run) ((gprl_axis_spectrum > 0.6) and (gprl_axis_spectrum > 2 * gprl_axis_spectrum_baseline))",
+            " or max by (run) ((gprl_axis_spectrum > 0.6) and (gprl_axis_spectrum > 2 * gprl_axis_spectrum_baseline))"
+            " or max by (namespace, run) ((gprl_operator_drift_win_rate_lead > "
+            "gprl_operator_drift_win_rate_lead_threshold) and (gprl_operator_drift_win_rate_lead_threshold > 0))"
+            " or max by (run) ((gprl_drift_win_rate_lead > gprl_drift_win_rate_lead_threshold) and "
+            "(gprl_drift_win_rate_lead_threshold > 0))",
             "15m", "warning",
             "One preference axis dominates run {{ $labels.run }}",
-            "A single axis holds more than 60% of the variance spectrum and more than twice its start-of-run "
-            "share for 15 minutes: the policy is likely exploiting that axis of the GPM.",
+            "For 15 minutes either a single axis has held more than 60% of the variance spectrum and more than twice "
+            "its start-of-run share, or one axis has beaten the reference by more than tau_L beyond any other axis "
+            "(win-rate lead) while the monitor was already steering: the policy is likely exploiting that axis.",
         ),
         _alert(
             "GPRLKLRunaway",

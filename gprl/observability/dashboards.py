@@ -105,6 +105,18 @@ def axes():
          .with_panel(_ts("D(t) and τ — in-process", [
              (f"gprl_drift_divergence{{{r}}}", "{{run}} D(t)"), (f"gprl_drift_threshold{{{r}}}", "{{run}} τ")],
              desc="The same, computed in the trainer (drift.mode: in_process).", minimum=0))
+         .with_panel(_ts("Win-rate lead L and τ_L", [
+             (f"gprl_operator_drift_win_rate_lead{{{r}}}", "{{run}} L operator"),
+             (f"gprl_operator_drift_win_rate_lead_threshold{{{r}}}", "{{run}} τ_L operator"),
+             (f"gprl_drift_win_rate_lead{{{r}}}", "{{run}} L in-process"),
+             (f"gprl_drift_win_rate_lead_threshold{{{r}}}", "{{run}} τ_L")],
+             desc="The second signal: how much further the leading axis beats the reference than any other axis "
+                  "(w_top − max(½, w_second)), from the periodic probe. It sees exploitation of an axis that "
+                  "dominated from the start, which leaves D(t) flat.", minimum=0))
+         .with_panel(_ts("Per-axis win rate against the reference", [
+             (f"gprl_axis_win_rate{{{r}}}", "{{run}} axis {{axis}}"),
+             (f"gprl_operator_drift_axis_win_rate{{{r}}}", "{{run}} axis {{axis}} operator")], "percentunit",
+             "How often policy samples beat reference samples on axis l alone (probe every drift.probeEvery steps)."))
          .with_panel(_ts("Triggered", [(f"gprl_operator_drift_triggered{{{r}}}", "{{run}} operator"),
                                       (f"gprl_drift_triggered{{{r}}}", "{{run}} in-process")], w=8, minimum=0))
          .with_panel(_ts("Interventions", [

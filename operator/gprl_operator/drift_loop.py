@@ -50,11 +50,15 @@ LA = ["namespace", "run", "axis"]
 
 DIVERGENCE = Gauge("gprl_operator_drift_divergence", "D(t) = KL(alpha(t) || alpha(0)) computed by the operator.", L)
 THRESHOLD = Gauge("gprl_operator_drift_threshold", "Trigger threshold tau of the run's drift monitor.", L)
+LEAD_THRESHOLD = Gauge("gprl_operator_drift_win_rate_lead_threshold", "Trigger threshold tau_L on the win-rate lead.", L)
 TRIGGERED = Gauge("gprl_operator_drift_triggered", "1 while the run's drift monitor is triggered.", L)
 AXIS_SPECTRUM = Gauge("gprl_operator_drift_axis_spectrum", "alpha_l(t): share of axis l in the variance spectrum.", LA)
 AXIS_BASELINE = Gauge("gprl_operator_drift_axis_spectrum_baseline", "alpha_l(0): start-of-run spectrum.", LA)
 AXIS_WEIGHT = Gauge("gprl_operator_drift_axis_weight", "Control weight m_l the operator set for axis l.", LA)
 AXIS_VARIANCE = Gauge("gprl_operator_drift_axis_variance", "Last reported E_batch[var_i s_l(i)] of axis l.", LA)
+AXIS_WIN_RATE = Gauge("gprl_operator_drift_axis_win_rate",
+                      "Last probed win rate of policy samples against reference samples on axis l.", LA)
+LEAD = Gauge("gprl_operator_drift_win_rate_lead", "Win-rate lead L = w_top - max(0.5, w_second) of the last probe.", L)
 KL_COEF = Gauge("gprl_operator_drift_kl_coef", "beta_KL in the operator's control block.", L)
 EPS_LOW = Gauge("gprl_operator_drift_clip_eps_low", "epsilon_low in the operator's control block.", L)
 EPS_HIGH = Gauge("gprl_operator_drift_clip_eps_high", "epsilon_high in the operator's control block.", L)
@@ -207,7 +211,13 @@ def decide(run: dict, now: str, cached: Optional[dict] = None) -> Decision:
             log.warning("%s: step %s reports %r, not %d axis variances; skipped", run["metadata"]["name"], step, var, k)
             state["lastStep"] = step
             continue
-        monitor.update([float(v) for v in var])
+        win = item.get("axisWinRate")
+        if win is not None and (not isinstance(win, list) or len(win) != k
+                                or not all(isinstance(w, (int, float)) and 0 <= w <= 1 for w in win)):
+            log.warning("%s: step %s reports win rates %r, not %d values in [0, 1]; ignored", run["metadata"]["name"],
+                        step, win, k)
+            win = None
+        monitor.update([float(v) for v in var], None if win is None else [float(w) for w in win])
         state["lastStep"] = step
         d.fed += 1
         for ev in monitor.state.events:
@@ -215,16 +225,22 @@ def decide(run: dict, now: str, cached: Optional[dict] = None) -> Decision:
             if ev["type"] == "trigger":
                 d.trigger_events += 1
                 d.reason = "Restore" if d.reason == "Restore" else "Trigger"
-                top = max(range(k), key=lambda i: (ms.spectrum[i] - ms.baseline[i]) / max(ms.baseline[i], 1e-12))
+                top = monitor.overused_axis()
+                if ev.get("signal") == "win_rate":
+                    what = (f"win-rate lead L = {ev['lead']:.3f} > tau_L = {spec.drift.lead_tau:g} at step {step}: "
+                            f"axis {top} beats the reference {ms.win_rate[top]:.3f} of the time, no other axis more "
+                            f"than {max([0.5] + [w for i, w in enumerate(ms.win_rate) if i != top]):.3f}")
+                else:
+                    what = (f"D(t) = {ev['divergence']:.4g} > tau = {spec.drift.tau:g} at step {step}: "
+                            f"axis {top} holds {ms.spectrum[top]:.3f} of the variance spectrum "
+                            f"(start of run: {ms.baseline[top]:.3f})")
                 d.events.append({"type": "Warning", "reason": "DriftDetected",
-                                 "message": f"D(t) = {ev['divergence']:.4g} > tau = {spec.drift.tau:g} at step {step}: "
-                                            f"axis {top} holds {ms.spectrum[top]:.3f} of the variance spectrum "
-                                            f"(start of run: {ms.baseline[top]:.3f}); down-weighting it and "
-                                            "tightening the trust region"})
+                                 "message": what + "; down-weighting it and tightening the trust region"})
             else:
                 d.reason = d.reason or "Release"
                 d.events.append({"type": "Normal", "reason": "DriftReleased",
-                                 "message": f"D(t) = {ev['divergence']:.4g} < {spec.drift.release_ratio:g} tau at step "
+                                 "message": f"D(t) = {ev['divergence']:.4g} < {spec.drift.release_ratio:g} tau and "
+                                            f"L = {ev['lead']:.3f} < {spec.drift.release_ratio:g} tau_L at step "
                                             f"{step}; relaxing the control to baseline"})
     if d.fed:
         state["monitor"] = monitor.state_dict()
@@ -303,13 +319,15 @@ def _set_metrics(ns: str, name: str, run: dict, d: Decision) -> None:
     try:
         spec = _spec(run)
         THRESHOLD.labels(ns, name).set(spec.drift.tau)
+        LEAD_THRESHOLD.labels(ns, name).set(spec.drift.lead_tau)
     except Exception:  # noqa: BLE001 - metrics never break the loop
         pass
     DIVERGENCE.labels(ns, name).set(float(mon.get("divergence") or 0.0))
     TRIGGERED.labels(ns, name).set(1.0 if state.get("triggered") else 0.0)
+    LEAD.labels(ns, name).set(float(mon.get("lead") or 0.0))
     for gauge, values in ((AXIS_SPECTRUM, mon.get("spectrum")), (AXIS_BASELINE, mon.get("baseline")),
                           (AXIS_WEIGHT, (state.get("control") or {}).get("weights")),
-                          (AXIS_VARIANCE, training.get("axisVariance"))):
+                          (AXIS_VARIANCE, training.get("axisVariance")), (AXIS_WIN_RATE, mon.get("win_rate"))):
         for i, v in enumerate(values or []):
             gauge.labels(ns, name, str(i)).set(float(v))
     own = state.get("control") or {}

@@ -2,13 +2,15 @@
 
 A real `gprl train` process, started with the command, environment, config and ServiceAccount token the operator
 puts in the pod, runs with `drift.mode: operator`; the operator (under the Helm chart's ServiceAccount) runs its
-drift loop. The model is the tiny local toy of tests/unit/test_trainer.py (k = 3 GPM), in which the variance
-spectrum drifts towards one axis as the policy trains. We assert on the GPRLRun's status history, the Events, the
+drift loop. The mechanism and the faults use a tiny local toy (k = 3 GPM) whose variance spectrum drifts towards one
+axis as the policy trains; the bounded-axis claim uses the synthetic world. We assert on the GPRLRun's status history, the Events, the
 trainer's log and its step records, never on timing:
 
 - the operator detects the drift, down-weights the exploited axis and tightens (β_KL up, ε down), with a
   DriftDetected Event and condition; the trainer applies each generation it acknowledges at a step boundary;
-- the policy's score on the exploited axis against the reference stays well below the same run with drift off;
+- in the synthetic world (its GPM, its SFT policy, its oracle), the exploited axis stays bounded: against the same
+  run with drift off, the policy's win rate on that axis over the reference and the world's known exploit (topic
+  words repeated past saturation) end lower, and the oracle's verdict higher;
 - faults: the API server restarted during a run (the trainer keeps training with its last control, then catches
   up); a malformed control block written by hand is refused with an Event and never applied.
 """
@@ -145,9 +147,8 @@ def test_operator_detects_drift_reweights_and_tightens_and_the_trainer_applies_i
             shutil.copy(tmp_path / "on" / "out" / f, dest / f)
         (dest / "status-history.json").write_text(json.dumps(history.versions))
         (dest / "trainer.log").write_text(trainer.text())
-    # Whether the exploited axis then stays bounded against the same run with drift off is NOT asserted: on this toy
-    # the operator/off ratio of the worst axis ranged from 0.25 to 1.37 between runs (timing of the decisions), so it
-    # is no reliable test. See docs/operations.md, 'What the closed loop has shown so far'.
+    # Whether the exploited axis stays bounded is asserted in the synthetic world (the test below): on this toy the
+    # operator/off ratio of the worst axis ranged from 0.25 to 1.37 between runs (timing of the decisions).
 
 
 def assert_monitor_saw_every_step(final, records):
@@ -246,3 +247,76 @@ def test_malformed_control_is_refused_with_an_event_and_never_applied(
         [(c["generation"], c.get("reason"), c.get("weights")) for c in history.controls()]
     assert max(c["generation"] for c in restores) > bad_gens[0]
     check_applied(trainer, history, records)
+
+
+# --------------------------------------------------------------------------------------
+# the synthetic world: the exploited axis stays bounded
+
+
+WORLD_STEPS = 120
+
+
+@pytest.fixture(scope="module")
+def world_cache():
+    """The default synthetic world, built once into the usual cache (what a pod would find on its volume)."""
+    from gprl.world import build_world
+
+    root = Path(os.environ.get("GPRL_CACHE", Path.home() / ".cache" / "gprl"))
+    build_world(cache_dir=root / "world", seed=0, log=lambda m: None)
+    return root
+
+
+def world_spec(mode: str) -> dict:
+    """The long-budget world run of docs/experiment.md (seed 0), where every method reward-hacks past ~80 steps."""
+    return {
+        "seed": 0,
+        "model": {"policy": "world:policy"},
+        "gpm": {"path": "world:gpm", "axes": 3},
+        "data": {"prompts": "world:prompts"},
+        "algo": {"steps": WORLD_STEPS, "promptsPerStep": 4, "groupSize": 8, "learningRate": 3e-4, "klCoef": 0.02},
+        "rollout": {"maxNewTokens": 32},
+        "drift": {"mode": mode, "leadTau": 0.06, "probeEvery": 5, "reportIntervalSeconds": 0.2},
+        "checkpoint": {"everySteps": 100000, "keepLast": 1},
+        "output": {"evalEvery": WORLD_STEPS, "evalPrompts": 96, "evalSamples": 2, "report": False, "progress": False},
+        "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
+    }
+
+
+def test_world_exploited_axis_stays_bounded_under_the_operator(control_plane, drift_operator, namespace, world_cache,
+                                                               tmp_path):
+    cp = control_plane
+    env = {"GPRL_CACHE": str(world_cache)}
+    runs = {}
+    for name, mode in (("world-operator", "operator"), ("world-off", "off")):
+        runs[name] = start_run(cp, namespace, name, world_spec(mode), tmp_path / name, env=env)
+    records = {}
+    for name, (trainer, history) in runs.items():
+        if name == "world-operator":
+            records[name] = finish(trainer, history, cp, namespace, name, WORLD_STEPS)
+        else:
+            assert trainer.wait(900) == 0, trainer.text()[-4000:]
+            history.stop()
+            records[name] = trainer.records()
+    on_trainer, on_history = runs["world-operator"]
+    assert [r["step"] for r in records["world-operator"]] == list(range(1, WORLD_STEPS + 1))
+
+    # the operator saw the probe's win rates, detected the lead of one axis, held it back and tightened
+    trig = [e for e in events(cp, namespace, "world-operator") if e["reason"] == "DriftDetected"]
+    assert trig and "win-rate lead" in trig[0]["message"], [e["message"] for e in trig]
+    axis = int(trig[0]["message"].split(": axis ")[1].split()[0])
+    check_applied(on_trainer, on_history, records["world-operator"])
+    applied = [r["applied_control"] for r in records["world-operator"]]
+    assert any(c["weights"][axis] < 1.0 and c["kl_coef"] > 0.02 for c in applied)
+    assert not any(e["reason"] == "DriftDetected" for e in events(cp, namespace, "world-off"))
+    assert all(r["applied_control"]["weights"] == [1.0, 1.0, 1.0] for r in records["world-off"])
+
+    # the exploited axis stayed bounded: the final evaluation (same held-out prompts and seeds for both runs)
+    final = {name: json.loads((tmp_path / name / "out" / "evals.jsonl").read_text().splitlines()[-1])
+             for name in runs}
+    on, off = final["world-operator"], final["world-off"]
+    assert on["step"] == off["step"] == WORLD_STEPS
+    summary = {n: {k: f[k] for k in ("gpm_axis_win_rate", "policy_exploit", "oracle_win_rate")} for n, f in final.items()}
+    assert on["gpm_axis_win_rate"][axis] < off["gpm_axis_win_rate"][axis] - 0.02, summary
+    assert on["policy_exploit"] < 0.5 * off["policy_exploit"], summary
+    assert on["oracle_win_rate"] > off["oracle_win_rate"], summary
+    print("world e2e:", json.dumps(summary))

@@ -61,8 +61,18 @@ CASES: dict[str, tuple[dict[str, str], list[tuple[str, list[dict]]]]] = {
             'gprl_axis_spectrum{run="local-bad",axis="1"}': "0.9x40",
             'gprl_axis_spectrum_baseline{run="local-bad",axis="0"}': "0.6x40",
             'gprl_axis_spectrum_baseline{run="local-bad",axis="1"}': "0.4x40",
+            # the win-rate lead: over τ_L (fires), under it, and over it with the signal turned off (τ_L = 0)
+            'gprl_operator_drift_win_rate_lead{namespace="ns",run="lead"}': "0.1x40",
+            'gprl_operator_drift_win_rate_lead_threshold{namespace="ns",run="lead"}': "0.06x40",
+            'gprl_operator_drift_win_rate_lead{namespace="ns",run="lead-ok"}': "0.03x40",
+            'gprl_operator_drift_win_rate_lead_threshold{namespace="ns",run="lead-ok"}': "0.06x40",
+            'gprl_operator_drift_win_rate_lead{namespace="ns",run="lead-off"}': "0.2x40",
+            'gprl_operator_drift_win_rate_lead_threshold{namespace="ns",run="lead-off"}': "0x40",
+            'gprl_drift_win_rate_lead{run="local-lead"}': "0.02x5 0.09x35",
+            'gprl_drift_win_rate_lead_threshold{run="local-lead"}': "0.06x40",
         },
-        [("10m", []), ("30m", [{"namespace": "ns", "run": "bad"}, {"run": "local-bad"}])],
+        [("10m", []), ("30m", [{"namespace": "ns", "run": "bad"}, {"run": "local-bad"},
+                               {"namespace": "ns", "run": "lead"}, {"run": "local-lead"}])],
     ),
     "GPRLKLRunaway": (
         {

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from gprl.algo import DriftMonitor, single_axis_exploitation
+from gprl.algo import DriftMonitor, win_rate_lead
 from gprl.config import DriftSpec
 
 
@@ -93,7 +93,49 @@ def test_pinned_weights_are_kept():
     assert c.kl_coef > 0.04
 
 
-def test_single_axis_exploitation_signal():
-    assert single_axis_exploitation([0.95, 0.4, 0.3]) == 0
-    assert single_axis_exploitation([0.95, 0.6, 0.3]) is None
-    assert single_axis_exploitation([0.7, 0.4, 0.3]) is None
+def test_win_rate_lead():
+    assert win_rate_lead([0.62, 0.53, 0.51]) == (pytest.approx(0.09), 0)
+    assert win_rate_lead([0.55, 0.40, 0.45]) == (pytest.approx(0.05), 0)  # others losing: measured from ½
+    assert win_rate_lead([0.48, 0.49, 0.47])[0] == 0.0  # nothing beats the reference
+    assert win_rate_lead([0.5, 0.7, 0.69]) == (pytest.approx(0.01), 1)  # two axes rising together: no lead
+
+
+def test_dominant_axis_exploitation_is_caught_by_the_win_rate_lead_not_the_spectrum():
+    """The synthetic world's failure mode: one axis carries most of the spread from the start and the policy
+    exploits it, so the spectrum never moves; only its win rate against the reference runs ahead."""
+    rng = random.Random(1)
+    off, on = make_monitor(lead_tau=0.0), make_monitor(lead_tau=0.06)
+    leader = None
+    for t in range(60):
+        var = noisy(rng, [8.0, 1.0, 0.2])  # a fixed spectrum
+        probe = [0.5 + 0.002 * t, 0.5 + 0.0004 * t, 0.5] if t % 5 == 4 else None
+        c_off, c_on = off.update(var, probe), on.update(var, probe)
+        if on.state.triggered and leader is None:
+            leader = t
+            assert on.state.events[0]["signal"] == "win_rate" and on.overused_axis() == 0
+    assert not off.state.triggered and off.state.divergence < 0.05 and c_off.weights == [1.0, 1.0, 1.0]
+    assert leader is not None and on.state.lead > 0.06
+    assert c_on.weights[0] < 1.0 < min(c_on.weights[1:]) and c_on.kl_coef > 0.04 and c_on.eps_low < 0.2
+    # the probe is a slow signal: it holds between probes, and a falling lead releases
+    on.update(noisy(rng, [8.0, 1.0, 0.2]))
+    assert on.state.triggered and on.state.lead > 0.06
+    released = []
+    for t in range(40):
+        on.update(noisy(rng, [8.0, 1.0, 0.2]), [0.52, 0.51, 0.5] if t % 5 == 0 else None)
+        released += [e for e in on.state.events if e["type"] == "release"]
+    assert not on.state.triggered and len(released) == 1
+    assert on.control.weights == pytest.approx([1.0, 1.0, 1.0], abs=0.05) and on.control.kl_coef < 0.05
+
+
+def test_win_rates_of_the_wrong_length_are_refused():
+    with pytest.raises(ValueError, match="win rates"):
+        make_monitor().update([1.0, 1.0, 1.0], [0.5, 0.5])
+
+
+def test_win_rate_state_round_trips():
+    a = make_monitor()
+    for t in range(8):
+        a.update([1.0, 1.0, 1.0], [0.6, 0.5, 0.5] if t == 6 else None)
+    b = make_monitor()
+    b.load_state_dict(a.state_dict())
+    assert b.state.win_rate == [0.6, 0.5, 0.5] and b.state.lead == pytest.approx(0.1) and b.state.lead_axis == 0

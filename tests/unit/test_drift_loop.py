@@ -27,6 +27,33 @@ def hist(steps, exploit=1.0):
     return [{"step": s, "axisVariance": [1.0, 1.0, 1.0 + exploit * max(0, s - 2)]} for s in steps]
 
 
+def test_decide_feeds_reported_win_rates_and_names_the_leading_axis():
+    """A flat spectrum (one axis dominant from the start) with axis 1 running ahead of the reference: only the
+    win-rate signal sees it, in the operator exactly as in the trainer."""
+    from gprl_operator.drift_loop import decide
+
+    run = run_of(drift={"leadTau": 0.06})
+    flat = [4.0, 1.0, 1.0]
+    history = [{"step": s, "axisVariance": flat,
+                **({"axisWinRate": [0.5, 0.5 + 0.01 * s, 0.5]} if s % 2 == 0 else {})} for s in range(1, 13)]
+    history += [{"step": 13, "axisVariance": flat, "axisWinRate": [0.5, 7.0]},  # malformed: ignored
+                {"step": 14, "axisVariance": flat, "axisWinRate": [0.5, 2.0, 0.5]}]
+    ref = DriftMonitor(parse_config(run["spec"]).drift, 3, 0.04, 0.2, 0.2)
+    for h in history:
+        win = h.get("axisWinRate")
+        ref.update(h["axisVariance"], win if win and len(win) == 3 and max(win) <= 1 else None)
+    state = decide(run, NOW).state
+    d = decide(run_of({"training": {"step": 14, "history": history, "reportedAt": NOW}},
+                      drift={"leadTau": 0.06}), NOW, state)
+    mon = d.state["monitor"]
+    assert mon["lead"] == pytest.approx(ref.state.lead) and mon["lead_axis"] == 1 and mon["divergence"] < 0.02
+    assert mon["win_rate"] == pytest.approx([0.5, 0.62, 0.5])
+    assert d.state["control"]["weights"] == pytest.approx(ref.control.weights)
+    assert d.state["control"]["weights"][1] < 1.0
+    (ev,) = [e for e in d.events if e["reason"] == "DriftDetected"]
+    assert "win-rate lead" in ev["message"] and "axis 1 " in ev["message"]
+
+
 def test_validate_control_refuses_malformed_blocks():
     good = {"weights": [1, 1, 1], "klCoef": 0.04, "epsLow": 0.2, "epsHigh": 0.2}
     assert validate_control(good, 3).weights == [1.0, 1.0, 1.0]
