@@ -48,7 +48,8 @@ def write_report(run_dir: str | Path) -> Path:
         ax.legend(fontsize=8)
     _save(fig, out / "axes.png")
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    probes = [r for r in steps if r.get("axis_win_rate")]
+    fig, (a1, a3, a2) = plt.subplots(1, 3, figsize=(15, 3.6))
     a1.plot(x, [r["divergence"] for r in steps], label="D(t)")
     a1.axhline(steps[0]["tau"], color="r", ls="--", label="τ")
     trig = [r["step"] for r in steps if r["triggered"]]
@@ -56,6 +57,11 @@ def write_report(run_dir: str | Path) -> Path:
         a1.scatter(trig, [0] * len(trig), marker="|", color="r", label="triggered")
     a1.set(title="Drift D(t) = KL(α(t) ‖ α(0))", xlabel="step")
     a1.legend(fontsize=8)
+    for l in range(k):
+        a3.plot([r["step"] for r in probes], [r["axis_win_rate"][l] for r in probes], ".-", label=f"w_{l}")
+    a3.axhline(0.5, color="grey", lw=0.8)
+    a3.set(title="Probe: per-axis win rate vs reference", xlabel="step")
+    a3.legend(fontsize=8)
     for l in range(k):
         a2.plot(x, [r["weights"][l] for r in steps], label=f"m_{l}")
     a2.plot(x, [r["kl_coef"] / max(steps[0]["kl_coef"], 1e-9) for r in steps], "k--", label="β_KL / β_0")
