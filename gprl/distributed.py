@@ -45,6 +45,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / world_size()
 
 
+def all_reduce_max(value: int) -> int:
+    """The largest of every rank's integer (ranks agreeing on a status: 0 = fine on every rank)."""
+    if not is_distributed() or world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_comm_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_distributed() or world_size() == 1:
         return obj

@@ -226,7 +226,8 @@ class DeepSpeedLearner(FrozenPasses):
         gdist.barrier()
 
     def gathered_parameters(self):
-        """Context in which the policy's parameters are whole on every rank (for weight sync / generation)."""
+        """Context in which the policy's parameters are whole on every rank (for weight sync / generation). Under
+        ZeRO-3 entering it is a collective (an all-gather): every rank must enter it, in the same order."""
         if self.stage == 3:
             import deepspeed
 

@@ -1,17 +1,27 @@
 """Rollouts from `gprl serve-rollout` servers (the disaggregated topology), with versioned weight pushes.
 
 * generate: the step's prompts are split over the servers (contiguous chunks, whole groups), requested in parallel,
-  each request carrying `min_version` = the learner's policy version; the batch is assembled as HFRollout's.
+  each request carrying `min_version` = the learner's policy version; the batch is assembled as HFRollout's. The
+  first contact waits for every server's /healthz (pods may still be loading their model).
 * sync_weights: rank 0 pushes the policy to every server in buckets (safetensors over HTTP: begin / bucket… /
-  commit), then all ranks meet at a barrier, so no rank samples from old weights.
-* a server that restarted (Kubernetes replaced its pod) comes back at an older version and answers 409: the client
-  re-pushes the current weights to it — from any rank that holds whole parameters (ZeRO 0-2); under ZeRO-3 only a
-  collective gather can, so that rank fails the step with StaleRollout — and retries. Connection errors are retried
-  with exponential backoff for GPRL_ROLLOUT_ATTEMPTS attempts (default 10, ~1 min), then the step fails.
+  commit), then all ranks meet at a barrier, so no rank samples from old weights. The parameters are gathered once
+  for all servers, by every rank: under ZeRO-3 that gather is a collective (all ranks enter it, rank 0 sends, and
+  a failed push fails the step on every rank); under ZeRO 0-2 it is a no-op.
+* a server that restarted (Kubernetes replaced its pod) comes back at version 0 and answers 409 to a newer
+  `min_version`. Under ZeRO 0-2 the rank that saw it re-pushes the current weights to that server on its own and
+  retries. Under ZeRO-3 no rank holds whole parameters outside a collective gather, so the re-sync is collective:
+  each generate round starts with rank 0 asking every server its version (GET /info) and broadcasting the list of
+  servers behind; if any, all ranks enter the gather and rank 0 pushes to those servers; then every rank generates
+  without pushing, and the ranks agree (all-reduce) that each one's generation succeeded — a server that fell
+  behind meanwhile (409) starts another round, at most RESYNC_ROUNDS, then the step fails with StaleRollout on
+  every rank. Connection errors are retried with exponential backoff for GPRL_ROLLOUT_ATTEMPTS attempts
+  (default 10, ~1 min), then the step fails with RolloutServerUnavailable (on every rank under ZeRO-3).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +35,10 @@ from gprl.serving.http import ServerUnavailable, call_with_retries, json_body, r
 
 class RolloutServerUnavailable(ServerUnavailable):
     pass
+
+
+RESYNC_ROUNDS = 3  # ZeRO-3: collective re-sync + generation rounds before the step fails with StaleRollout
+_OK, _STALE, _FAILED = 0, 1, 2  # a rank's generation outcome, agreed on with an all-reduce (max)
 
 
 class RemoteRollout:
@@ -73,25 +87,36 @@ class RemoteRollout:
 
     # ------------------------------------------------------------------ weights
 
-    def _can_push(self) -> bool:
-        stage = getattr(self.learner, "stage", 0) if self.learner is not None else 0
-        return self._policy is not None and (stage < 3 or gdist.world_size() == 1)
+    def _collective(self) -> bool:
+        """ZeRO-3: whole parameters exist only inside a gather that every rank enters together."""
+        return self.learner is not None and getattr(self.learner, "stage", 0) >= 3
 
-    def push(self, url: str, policy, version: int) -> dict:
+    def _can_push(self) -> bool:
+        """This rank can re-push on its own, outside a collective (ZeRO 0-2)."""
+        return self._policy is not None and not self._collective()
+
+    def _gathered(self):
+        """The learner's gather of whole parameters (collective under ZeRO-3), or nothing to do."""
+        if self.learner is not None and hasattr(self.learner, "gathered_parameters"):
+            return self.learner.gathered_parameters()
+        return contextlib.nullcontext()
+
+    def push(self, url: str, policy, version: int, gathered: bool = False) -> dict:
         """Send the policy's weights to one server in buckets and commit them as `version`. A server that restarts
-        mid-push forgets the session (400 unknown session): the push starts over."""
+        mid-push forgets the session (400 unknown session): the push starts over. `gathered`: the caller already
+        holds the parameters whole (inside `_gathered()`), so this push gathers nothing itself."""
         from gprl.serving.http import ServerError
 
         for attempt in range(3):
             try:
-                return self._push_once(url, policy, version)
+                return self._push_once(url, policy, version, gathered)
             except ServerError as exc:
                 if "unknown weight session" not in str(exc) or attempt == 2:
                     raise
                 self.log(f"rollout server {url} lost the weight push (restarted?): pushing version {version} again")
         raise AssertionError("unreachable")
 
-    def _push_once(self, url: str, policy, version: int) -> dict:
+    def _push_once(self, url: str, policy, version: int, gathered: bool = False) -> dict:
         import time
 
         from safetensors.torch import save
@@ -99,7 +124,7 @@ class RemoteRollout:
         t0 = time.perf_counter()
         session = uuid.uuid4().hex
         self._check(*self._post(url, f"/weights/begin?session={session}&version={version}"), url)
-        for bucket in bucketed(policy_weights(policy, self.learner), self.bucket_bytes):
+        for bucket in bucketed(policy_weights(policy, None if gathered else self.learner), self.bucket_bytes):
             payload = save({name: t.contiguous().cpu() for name, t in bucket})
             self._check(*self._post(url, f"/weights/bucket?session={session}", payload), url)
         out = self._check(*self._post(url, f"/weights/commit?session={session}"), url)
@@ -110,21 +135,67 @@ class RemoteRollout:
     def _check(self, status: int, body: bytes, url: str) -> dict:
         return json_body(status, body, f"rollout server {url}")
 
+    def _push_all(self, urls: Sequence[str], version: int) -> None:
+        """Every rank: gather the parameters once (a collective under ZeRO-3), rank 0 pushes them to `urls` in
+        parallel. Under ZeRO-3 rank 0's outcome is broadcast, so a failed push fails on every rank."""
+        policy, error = self._policy, None
+        with self._gathered():
+            if gdist.rank() == 0 and urls:
+                try:
+                    with ThreadPoolExecutor(len(urls)) as pool:
+                        list(pool.map(lambda u: self.push(u, policy, version, gathered=True), urls))
+                except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks hear of it
+                    error = exc
+        if self._collective():
+            told = gdist.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+            if error is None and told is not None:
+                raise RolloutServerUnavailable(f"rank 0 could not push weights version {version}: {told}")
+        if error is not None:
+            raise error
+
     def sync_weights(self, policy, version: int) -> None:
         self._policy = policy
         if version == 0 and self.version == 0:
             self.version = 0  # the servers start from the initial policy folder: nothing to push
             return
         self._ready()
-        if gdist.rank() == 0:
-            with ThreadPoolExecutor(len(self.urls)) as pool:
-                list(pool.map(lambda u: self.push(u, policy, version), self.urls))
+        self._push_all(self.urls, version)
         self.version = version
         gdist.barrier()
 
+    def _versions(self) -> list[int]:
+        """Each server's weights version (GET /info, retried while a replaced pod starts)."""
+
+        def one(url: str) -> int:
+            status, _, body = self._retry(lambda: request(url + "/info", timeout=30), f"rollout server {url}/info")
+            return int(self._check(status, body, url)["version"])
+
+        with ThreadPoolExecutor(len(self.urls)) as pool:
+            return list(pool.map(one, self.urls))
+
+    def _resync_behind(self) -> None:
+        """Collective (ZeRO-3): rank 0 asks every server its version and broadcasts which ones are not at the
+        learner's; all ranks then enter the gather and rank 0 re-pushes the current weights to those servers."""
+        behind, error = [], None
+        if gdist.rank() == 0:
+            try:
+                behind = [u for u, v in zip(self.urls, self._versions()) if v != self.version]
+            except Exception as exc:  # noqa: BLE001 - every rank raises it below
+                error = f"{type(exc).__name__}: {exc}"
+        behind, error = gdist.broadcast_object((behind, error))
+        if error is not None:
+            raise RolloutServerUnavailable(f"rank 0 could not read the rollout servers' versions: {error}")
+        if not behind:
+            return
+        if self._policy is None:  # same on every rank: nothing was ever synced, so there is nothing to push
+            raise StaleRollout(-1, self.version, ", ".join(behind))
+        self.log(f"rollout server(s) {', '.join(behind)} not at the learner's version {self.version}: "
+                 "re-syncing weights (collective gather)")
+        self._push_all(behind, self.version)
+
     # ------------------------------------------------------------------ generation
 
-    def _generate_on(self, url: str, ids: list[list[int]], group_size: int, seed: int):
+    def _generate_on(self, url: str, ids: list[list[int]], group_size: int, seed: int, resync: bool = True):
         s = self.spec
         req = {"prompt_ids": ids, "n": group_size, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k,
                "max_tokens": s.max_new_tokens, "seed": seed, "stop_token_ids": [self.tokenizer.eos_token_id],
@@ -132,10 +203,8 @@ class RemoteRollout:
         for _ in range(3):
             status, body = self._post(url, "/generate", req)
             if status == 409:  # the server is behind: it restarted, or a push is still on its way
-                import json
-
                 have = int(json.loads(body).get("version", -1))
-                if not self._can_push():
+                if not (resync and self._can_push()):
                     raise StaleRollout(have, self.version, url)
                 self.log(f"rollout server {url} at version {have}, learner at {self.version}: re-syncing weights")
                 self.push(url, self._policy, self.version)
@@ -146,6 +215,38 @@ class RemoteRollout:
             return [[(c["token_ids"], c["logprobs"]) for c in group] for group in out["completions"]]
         raise StaleRollout(-1, self.version, url)
 
+    def _generate_chunks(self, chunks, group_size: int, base: int, resync: bool):
+        if not chunks:
+            return []
+        with ThreadPoolExecutor(len(chunks)) as pool:
+            return list(pool.map(lambda a: self._generate_on(a[1][0], a[1][1], group_size, base + a[0], resync),
+                                 enumerate(chunks)))
+
+    def _generate_collectively(self, chunks, group_size: int, base: int):
+        """ZeRO-3: rounds of (collective re-sync of the servers behind, generation without pushing, agreement)."""
+        last: Exception | None = None
+        for round_ in range(1, RESYNC_ROUNDS + 1):
+            self._resync_behind()
+            outcome, parts = _OK, None
+            try:
+                parts = self._generate_chunks(chunks, group_size, base, resync=False)
+            except StaleRollout as exc:
+                outcome, last = _STALE, exc
+            except Exception as exc:  # noqa: BLE001 - every rank learns of it, then it is raised
+                outcome, last = _FAILED, exc
+            worst = gdist.all_reduce_max(outcome)
+            if worst == _OK:
+                return parts
+            if worst == _FAILED:
+                if outcome == _FAILED:
+                    raise last
+                raise RolloutServerUnavailable("rollout generation failed on another learner rank")
+            self.log(f"a rollout server fell behind during generation (round {round_}/{RESYNC_ROUNDS}"
+                     + (f": {last}" if outcome == _STALE else "") + ")")
+        have = last.have if isinstance(last, StaleRollout) else -1
+        raise StaleRollout(have, self.version, f"the rollout servers, still behind after {RESYNC_ROUNDS} "
+                                               f"collective re-syncs{f' ({last})' if last else ''}")
+
     def generate(self, prompts: Sequence[str], group_size: int) -> RolloutBatch:
         self._ready()
         ids = encode_prompts(self.tokenizer, prompts, self.max_prompt_tokens)
@@ -154,8 +255,9 @@ class RemoteRollout:
         per = -(-len(ids) // n)
         chunks = [(self.urls[i], ids[i * per : (i + 1) * per]) for i in range(n) if ids[i * per : (i + 1) * per]]
         base = (self.seed * 1_000_003 + self.calls) * 97 + gdist.rank() * 7919
-        with ThreadPoolExecutor(len(chunks)) as pool:
-            parts = list(pool.map(lambda a: self._generate_on(a[1][0], a[1][1], group_size, base + a[0]),
-                                  enumerate(chunks)))
+        if self._collective():
+            parts = self._generate_collectively(chunks, group_size, base)
+        else:
+            parts = self._generate_chunks(chunks, group_size, base, resync=True)
         completions = [g for part in parts for g in part]
         return assemble_batch(self.tokenizer, prompts, ids, completions, group_size, self.version)

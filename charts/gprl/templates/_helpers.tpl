@@ -55,7 +55,7 @@ app.kubernetes.io/component: operator
   resources: ["roles", "rolebindings"]
   verbs: ["get", "create", "patch"]
 - apiGroups: ["apps"]
-  resources: ["deployments"]
+  resources: ["deployments", "statefulsets"]
   verbs: ["get", "create", "patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
