@@ -3,8 +3,8 @@
     python -m gprl.observability.render RUN_DIR [OUT.png] [--title TEXT]
 
 RUN_DIR holds the trainer's `steps.jsonl` (and `config.yaml`). The series are those the trainer exports on
-/metrics (per-axis score spread, applied weights m_l, β_KL, ε) and D(t), α(t), α(0) as the drift monitor computes
-them from the same per-axis variances (in `drift.mode: operator` the trainer's own monitor is idle, so they are
+/metrics (per-axis score spread, probed per-axis win rates, applied weights m_l, β_KL, ε) and D(t), α(t), α(0) and
+the win-rate lead L as the drift monitor computes them from the same statistics (in `drift.mode: operator` the trainer's own monitor is idle, so they are
 replayed here with the run's drift settings: the operator feeds its monitor exactly these statistics).
 """
 
@@ -26,9 +26,13 @@ def series(run_dir: Path) -> dict:
     k = len(recs[0]["axis_variance"])
     mon = DriftMonitor(spec.drift, k, spec.algo.kl_coef, spec.algo.eps_low, spec.algo.eps_high)
     out = {"step": [], "D": [], "alpha": [], "alpha0": [], "weights": [], "kl_coef": [], "eps_low": [], "kl": [],
-           "var": [], "triggered": [], "tau": spec.drift.tau, "release": spec.drift.release_ratio * spec.drift.tau}
+           "var": [], "triggered": [], "lead": [], "probe_step": [], "win_rate": [], "tau": spec.drift.tau,
+           "release": spec.drift.release_ratio * spec.drift.tau, "lead_tau": spec.drift.lead_tau}
     for r in recs:
-        mon.update(r["axis_variance"])
+        mon.update(r["axis_variance"], r.get("axis_win_rate"))
+        if r.get("axis_win_rate"):
+            out["probe_step"].append(r["step"])
+            out["win_rate"].append(r["axis_win_rate"])
         s = mon.state
         c = r["applied_control"]
         out["step"].append(r["step"])
@@ -41,6 +45,7 @@ def series(run_dir: Path) -> dict:
         out["kl"].append(r["kl"])
         out["var"].append(r["axis_variance"])
         out["triggered"].append(bool(s.triggered))
+        out["lead"].append(s.lead)
     return out
 
 
@@ -56,7 +61,7 @@ def render(run_dir: Path, png: Path, title: str = "") -> Path:
     plt.rcParams.update({"axes.facecolor": "#181b1f", "figure.facecolor": "#111217", "text.color": "#ccccdc",
                          "axes.labelcolor": "#ccccdc", "xtick.color": "#9fa7b3", "ytick.color": "#9fa7b3",
                          "axes.edgecolor": "#2c3235", "grid.color": "#2c3235", "font.size": 9})
-    fig, axes = plt.subplots(2, 2, figsize=(13, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 7))
     x = s["step"]
 
     def shade(ax):
@@ -82,6 +87,19 @@ def render(run_dir: Path, png: Path, title: str = "") -> Path:
     shade(ax)
     ax.set_title("Variance spectrum α(t) vs start of run")
     ax.legend(loc="upper left", fontsize=8, ncol=k, facecolor="#181b1f", edgecolor="#2c3235")
+    ax = axes[0][2]
+    for i in range(k):
+        ax.plot(s["probe_step"], [w[i] for w in s["win_rate"]], ".-", color=colors[i], label=f"w_{i}")
+    ax.axhline(0.5, color="#9fa7b3", lw=0.8)
+    shade(ax)
+    ax.set_title("Per-axis win rate against the reference (probe)")
+    ax.legend(loc="upper left", fontsize=8, ncol=k, facecolor="#181b1f", edgecolor="#2c3235")
+    ax = axes[1][2]
+    ax.plot(x, s["lead"], color=colors[0], label="L")
+    ax.axhline(s["lead_tau"], color="#f2495c", ls="--", lw=1, label="τ_L (trigger)")
+    shade(ax)
+    ax.set_title("Win-rate lead L = w_top − max(½, w_second)")
+    ax.legend(loc="upper left", fontsize=8, facecolor="#181b1f", edgecolor="#2c3235")
     ax = axes[1][0]
     for i in range(k):
         ax.plot(x, [w[i] for w in s["weights"]], color=colors[i], label=f"m_{i}")

@@ -320,3 +320,11 @@ def test_world_exploited_axis_stays_bounded_under_the_operator(control_plane, dr
     assert on["policy_exploit"] < 0.5 * off["policy_exploit"], summary
     assert on["oracle_win_rate"] > off["oracle_win_rate"], summary
     print("world e2e:", json.dumps(summary))
+    keep = os.environ.get("GPRL_E2E_ARTIFACTS")  # docs/images/drift-dashboard.png is rendered from this run
+    if keep:
+        dest = Path(keep) / "world-operator-run"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("steps.jsonl", "config.yaml", "evals.jsonl"):
+            shutil.copy(tmp_path / "world-operator" / "out" / f, dest / f)
+        (dest / "summary.json").write_text(json.dumps(summary, indent=1))
+        (dest / "trainer.log").write_text(on_trainer.text())
