@@ -29,10 +29,9 @@ import torch
 from torch import Tensor
 
 from gprl import distributed as gdist
-from gprl.algo import policy_loss
 from gprl.algo.drift import Control
 from gprl.config import RunSpec
-from gprl.learner.torch_learner import FrozenPasses, UpdateStats, lr_factor, sequence_logprobs
+from gprl.learner.torch_learner import FrozenPasses, UpdateStats, lr_factor
 from gprl.rollout.base import RolloutBatch
 
 CHECKPOINT_TAG = "learner"
@@ -121,7 +120,7 @@ class DeepSpeedLearner(FrozenPasses):
 
     def update(self, batch: RolloutBatch, advantages: Tensor, control: Control) -> UpdateStats:
         """epochs_per_batch optimizer steps over this rank's share; statistics are those of the global batch."""
-        algo, temp, engine = self.spec.algo, self.spec.rollout.temperature, self.engine
+        algo, engine = self.spec.algo, self.engine
         device = engine.device
         batch = _to(batch, device)
         engine.train()
@@ -140,53 +139,18 @@ class DeepSpeedLearner(FrozenPasses):
         for _ in range(algo.epochs_per_batch):
             for i, rows in enumerate(micro):
                 engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
-                logp, entropy = sequence_logprobs(engine, batch, rows, temp, with_entropy=True)
-                old = logp.detach() if old_logp is None else old_logp[rows].to(device)
-                stats = policy_loss(
-                    logp,
-                    old,
-                    None if ref_logp is None else ref_logp[rows].to(device),
-                    advantages[rows].to(device),
-                    mask[rows].to(device),
-                    eps_low=control.eps_low,
-                    eps_high=control.eps_high,
-                    kl_coef=control.kl_coef,
-                    kl_estimator=algo.kl_estimator,
-                    aggregation=algo.loss_aggregation,
-                )
-                share = (
-                    float(mask[rows].sum()) / total_tokens
-                    if algo.loss_aggregation == "token_mean"
-                    else (rows.stop - rows.start) / n_total
-                )
+                loss, parts = self.micro_batch_loss(batch, rows, advantages, mask, ref_logp, old_logp, control,
+                                                    total_tokens, n_total)
                 # x world: DeepSpeed averages the gradients of the ranks; we want their sum.
-                engine.backward(stats.loss * (share * self.world), scale_wrt_gas=False)
-                e = algo.epochs_per_batch
-                sums += torch.tensor(
-                    [
-                        stats.loss.item() * share / e,
-                        float(stats.policy_loss) * share / e,
-                        float(stats.kl) * share / e,
-                        float(stats.clip_fraction) * share / e,
-                        float((entropy.float() * mask[rows].to(entropy.device)).sum()) / total_tokens / e,
-                    ],
-                    dtype=torch.float64,
-                )
+                engine.backward(loss * self.world, scale_wrt_gas=False)
+                sums += torch.tensor(parts, dtype=torch.float64) / algo.epochs_per_batch
             engine.step()
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else 0.0
         self.updates += 1
         engine.eval()
         sums = gdist.all_reduce_sum(sums)
-        return UpdateStats(
-            loss=float(sums[0]),
-            policy_loss=float(sums[1]),
-            kl=float(sums[2]),
-            clip_fraction=float(sums[3]),
-            entropy=float(sums[4]),
-            grad_norm=grad_norm,
-            learning_rate=lr,
-        )
+        return UpdateStats(*(float(x) for x in sums), grad_norm=grad_norm, learning_rate=lr)
 
     # ------------------------------------------------------------------ state
 

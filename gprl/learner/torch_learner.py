@@ -58,9 +58,9 @@ class UpdateStats:
 
 
 class FrozenPasses:
-    """Micro-batched no-grad passes shared by the learners. `forward_model` runs the policy (the module itself,
-    or a DeepSpeed engine wrapping it); with LoRA and no separate reference, the reference is the policy with
-    its adapters switched off."""
+    """Micro-batched passes shared by the learners: the no-grad ones (reference, old log-probs) and the loss of
+    one micro-batch. `forward_model` runs the policy (the module itself, or a DeepSpeed engine wrapping it); with
+    LoRA and no separate reference, the reference is the policy with its adapters switched off."""
 
     spec: RunSpec
     policy: object
@@ -91,6 +91,36 @@ class FrozenPasses:
             return None  # nothing can turn the KL term on
         return self._frozen_logprobs(self.reference, batch)
 
+    def micro_batch_loss(self, batch: RolloutBatch, rows: slice, advantages: Tensor, mask: Tensor,
+                         ref_logp: Tensor | None, old_logp: Tensor | None, control: Control, total_tokens: float,
+                         total_sequences: float) -> tuple[Tensor, list[float]]:
+        """The clipped-surrogate loss of one micro-batch, weighted by its share of the batch (tokens for token_mean,
+        sequences for sequence_mean; the totals may be those of every rank's batch), so that the gradients of the
+        micro-batches sum to the batch's. Returns (weighted loss, [loss, policy_loss, kl, clip_fraction] times the
+        share + [entropy summed over the micro-batch's tokens / total_tokens])."""
+        algo = self.spec.algo
+        logp, entropy = sequence_logprobs(self.forward_model, batch, rows, self.spec.rollout.temperature,
+                                          with_entropy=True)
+        device = logp.device
+        m = mask[rows].to(device)
+        stats = policy_loss(
+            logp,
+            logp.detach() if old_logp is None else old_logp[rows].to(device),  # one pass: the ratio is exactly 1
+            None if ref_logp is None else ref_logp[rows].to(device),
+            advantages[rows].to(device),
+            m,
+            eps_low=control.eps_low,
+            eps_high=control.eps_high,
+            kl_coef=control.kl_coef,
+            kl_estimator=algo.kl_estimator,
+            aggregation=algo.loss_aggregation,
+        )
+        share = (float(m.sum()) / total_tokens if algo.loss_aggregation == "token_mean"
+                 else (rows.stop - rows.start) / total_sequences)
+        parts = [stats.loss.item() * share, float(stats.policy_loss) * share, float(stats.kl) * share,
+                 float(stats.clip_fraction) * share, float((entropy.float() * m).sum()) / total_tokens]
+        return stats.loss * share, parts
+
 
 class TorchLearner(FrozenPasses):
     def __init__(self, policy, reference, spec: RunSpec):
@@ -107,7 +137,7 @@ class TorchLearner(FrozenPasses):
 
     def update(self, batch: RolloutBatch, advantages: Tensor, control: Control) -> UpdateStats:
         """epochs_per_batch optimizer steps over the batch, each accumulated over micro-batches."""
-        algo, temp = self.spec.algo, self.spec.rollout.temperature
+        algo = self.spec.algo
         self.policy.train()
         ref_logp = self.reference_logprobs(batch)
         # With one pass the sampling policy is the current one: the ratio is exactly 1 and the old
@@ -116,44 +146,22 @@ class TorchLearner(FrozenPasses):
         if old_logp is None and algo.epochs_per_batch > 1:
             old_logp = self._frozen_logprobs(self.policy, batch)
         mask = batch.response_mask.float()
-        total_tokens = mask.sum().clamp_min(1.0)
-        n = mask.shape[0]
-        sums = dict(loss=0.0, policy_loss=0.0, kl=0.0, clip_fraction=0.0, entropy=0.0)
+        total_tokens, n = max(1.0, float(mask.sum())), float(mask.shape[0])
+        sums = [0.0] * 5  # loss, policy_loss, kl, clip_fraction, entropy
         grad_norm = 0.0
         for _ in range(algo.epochs_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             for rows in self._micro_batches(batch):
-                logp, entropy = sequence_logprobs(self.policy, batch, rows, temp, with_entropy=True)
-                old = logp.detach() if old_logp is None else old_logp[rows]
-                stats = policy_loss(
-                    logp,
-                    old,
-                    None if ref_logp is None else ref_logp[rows],
-                    advantages[rows],
-                    mask[rows],
-                    eps_low=control.eps_low,
-                    eps_high=control.eps_high,
-                    kl_coef=control.kl_coef,
-                    kl_estimator=algo.kl_estimator,
-                    aggregation=algo.loss_aggregation,
-                )
-                # Weight so that the accumulated gradient is that of the whole batch.
-                share = (
-                    float(mask[rows].sum() / total_tokens)
-                    if algo.loss_aggregation == "token_mean"
-                    else (rows.stop - rows.start) / n
-                )
-                (stats.loss * share).backward()
-                for key in ("policy_loss", "kl", "clip_fraction"):
-                    sums[key] += getattr(stats, key) * share / algo.epochs_per_batch
-                sums["loss"] += stats.loss.item() * share / algo.epochs_per_batch
-                sums["entropy"] += float((entropy * mask[rows]).sum() / total_tokens) / algo.epochs_per_batch
+                loss, parts = self.micro_batch_loss(batch, rows, advantages, mask, ref_logp, old_logp, control,
+                                                    total_tokens, n)
+                loss.backward()
+                sums = [a + b / algo.epochs_per_batch for a, b in zip(sums, parts)]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm))
             self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.policy.eval()
-        return UpdateStats(grad_norm=grad_norm, learning_rate=lr, **sums)
+        return UpdateStats(*sums, grad_norm=grad_norm, learning_rate=lr)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
