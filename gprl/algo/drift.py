@@ -155,10 +155,13 @@ class DriftMonitor:
         if spec.pinned_weights is not None:
             weights = self._baseline_control().weights
         else:
-            # pressure on axis l: its relative gain of spectrum share, plus, for the leading axis, how far the lead
-            # is over its threshold
+            # pressure on axis l from each signal while that signal is over its threshold: the relative gain of
+            # spectrum share, and, on the leading axis, the lead over τ_L. (Spectrum pressure while only the lead is
+            # high would random-walk the weights of near-empty axes, whose relative share is mostly noise.)
             s = self.state
-            pressure = [(a - a0) / max(a0, _TINY) for a, a0 in zip(alpha, alpha0)]
+            pressure = [0.0] * self.axes
+            if s.divergence > spec.release_ratio * spec.tau:
+                pressure = [(a - a0) / max(a0, _TINY) for a, a0 in zip(alpha, alpha0)]
             if spec.lead_tau > 0 and s.lead > spec.lead_tau and s.lead_axis is not None:
                 pressure[s.lead_axis] += s.lead / spec.lead_tau
             weights = [m * math.exp(-spec.eta * p) for m, p in zip(c.weights, pressure)]

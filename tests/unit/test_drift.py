@@ -116,6 +116,9 @@ def test_dominant_axis_exploitation_is_caught_by_the_win_rate_lead_not_the_spect
     assert not off.state.triggered and off.state.divergence < 0.05 and c_off.weights == [1.0, 1.0, 1.0]
     assert leader is not None and on.state.lead > 0.06
     assert c_on.weights[0] < 1.0 < min(c_on.weights[1:]) and c_on.kl_coef > 0.04 and c_on.eps_low < 0.2
+    # with D(t) under τ the spectrum adds no pressure: the near-empty axis 2 (whose relative share is noise) is
+    # treated as axis 1, not random-walked to a clamp
+    assert c_on.weights[1] == pytest.approx(c_on.weights[2])
     # the probe is a slow signal: it holds between probes, and a falling lead releases
     on.update(noisy(rng, [8.0, 1.0, 0.2]))
     assert on.state.triggered and on.state.lead > 0.06
