@@ -344,7 +344,8 @@ class Trainer:
         if spec.output.progress and lead:
             from tqdm import tqdm
 
-            bar = tqdm(total=spec.algo.steps, initial=self.step, desc=os.environ.get("GPRL_RUN_NAME") or "/".join(self.out.parts[-2:]), unit="step", dynamic_ncols=True)
+            name = os.environ.get("GPRL_RUN_NAME") or "/".join(self.out.parts[-2:])
+            bar = tqdm(total=spec.algo.steps, initial=self.step, desc=name, unit="step", dynamic_ncols=True)
         records = []
         with open(log_path if lead else os.devnull, "a") as fh:
             while self.step < spec.algo.steps:
