@@ -12,8 +12,9 @@ from gprl.gpm.training import pair_scores
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float, seed: int,
-           batch_size: int = 256) -> tuple[list[str], list[str]]:
-    """n sampled responses per prompt; returns (prompts repeated, responses). Seeded, restores the global RNG."""
+           batch_size: int = 256, synced_gpus: bool = False) -> tuple[list[str], list[str]]:
+    """n sampled responses per prompt; returns (prompts repeated, responses). Seeded, restores the global RNG.
+    synced_gpus: every rank keeps stepping until all are done (ZeRO-3: each forward is a collective)."""
     rng_state = torch.get_rng_state()
     torch.manual_seed(seed)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -29,6 +30,7 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int
             gen = model.generate(
                 **enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                **({"synced_gpus": True} if synced_gpus else {}),
             )
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             out.extend(" ".join(t.split()) for t in texts)

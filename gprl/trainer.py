@@ -225,7 +225,9 @@ class Trainer:
         win_rate = None
         if spec.drift.mode != "off" and spec.drift.probe_every and (self.step + 1) % spec.drift.probe_every == 0:
             with timer("probe"):
-                win_rate = self.probe()
+                # every rank probes the same prompts with the same seed; the mean removes any numerical difference,
+                # so every rank's monitor decides the same control
+                win_rate = gdist.all_reduce_mean(torch.tensor(self.probe(), dtype=torch.float64)).tolist()
         with timer("monitor"):
             if spec.drift.mode == "in_process":
                 self.control = self.monitor.update(axis_var.tolist(), win_rate)
@@ -278,41 +280,44 @@ class Trainer:
         pool = self.sources.heldout_prompts or self.sampler.prompts
         return list(pool[: self.spec.output.eval_prompts])
 
-    def _sample_reference(self, prompts: list[str], n: int, seed: int) -> list[str]:
-        """n reference-policy samples per prompt (the policy with its adapters off, under LoRA)."""
+    def _sample(self, model, prompts: list[str], n: int, seed: int) -> tuple[list[str], list[str]]:
+        """n samples per prompt for evaluations and probes (seeded; same on every rank)."""
         from gprl.evaluate import sample
 
-        ro = self.spec.rollout
+        ro, learner = self.spec.rollout, self.spec.learner
+        zero3 = self.world > 1 and learner.backend == "deepspeed" and learner.zero_stage == 3
+        return sample(model, self.tokenizer, prompts, n, ro.max_new_tokens, ro.temperature, seed, synced_gpus=zero3)
+
+    def _sample_reference(self, prompts: list[str], n: int, seed: int) -> list[str]:
+        """n reference-policy samples per prompt (the policy with its adapters off, under LoRA)."""
         if self.reference is None:
             with self.policy.disable_adapter():
-                return sample(self.policy, self.tokenizer, prompts, n, ro.max_new_tokens, ro.temperature, seed)[1]
-        return sample(self.reference, self.tokenizer, prompts, n, ro.max_new_tokens, ro.temperature, seed)[1]
+                return self._sample(self.policy, prompts, n, seed)[1]
+        return self._sample(self.reference, prompts, n, seed)[1]
 
     def probe(self) -> list[float]:
         """Per-axis win rates of policy samples against reference samples on the probe prompts (the drift monitor's
         second signal). The reference samples are drawn once; the policy's with the same seed each time, so that
         successive probes differ by the policy, not by the draw. Runs on every rank (collective-safe)."""
-        from gprl.evaluate import axis_win_rates, sample
+        from gprl.evaluate import axis_win_rates
 
-        d, ro = self.spec.drift, self.spec.rollout
+        d = self.spec.drift
         pool = self.sources.heldout_prompts or self.sampler.prompts
         prompts = list(pool[: d.probe_prompts])
         if getattr(self, "_probe_reference", None) is None:
             self._probe_reference = self._sample_reference(prompts, d.probe_samples, self.spec.seed + 3)
-        rep, mine = sample(self.policy, self.tokenizer, prompts, d.probe_samples, ro.max_new_tokens, ro.temperature,
-                           self.spec.seed + 4)
+        rep, mine = self._sample(self.policy, prompts, d.probe_samples, self.spec.seed + 4)
         return axis_win_rates(self.gpm, self.gpm_tokenizer, rep, mine, self._probe_reference)
 
     def evaluate(self) -> dict:
         """Win rate of the current policy against the reference on held-out prompts (same seeds each time)."""
-        from gprl.evaluate import axis_win_rates, gpm_win_rate, oracle_win_rate, sample
+        from gprl.evaluate import axis_win_rates, gpm_win_rate, oracle_win_rate
 
-        spec, ro = self.spec, self.spec.rollout
+        spec = self.spec
         prompts = self._eval_prompts()
         if getattr(self, "_reference_samples", None) is None:
             self._reference_samples = self._sample_reference(prompts, spec.output.eval_samples, spec.seed + 1)
-        rep, mine = sample(self.policy, self.tokenizer, prompts, spec.output.eval_samples, ro.max_new_tokens,
-                           ro.temperature, spec.seed + 2)
+        rep, mine = self._sample(self.policy, prompts, spec.output.eval_samples, spec.seed + 2)
         ref = self._reference_samples
         rec = {"step": self.step, "gpm_win_rate": gpm_win_rate(self.gpm, self.gpm_tokenizer, rep, mine, ref),
                "gpm_axis_win_rate": axis_win_rates(self.gpm, self.gpm_tokenizer, rep, mine, ref)}

@@ -118,19 +118,21 @@ def test_trainer_two_ranks_kill_one_then_resume(tiny_assets, warm_deepspeed, tmp
 
 def test_trainer_two_ranks_zero3(tiny_assets, warm_deepspeed, tmp_path):
     """ZeRO-3 through the whole loop: generation with synced_gpus (ranks' sequences end at different steps),
-    evaluation on every rank, and the final HF export gathered from the parameter shards."""
+    evaluation and the drift probe on every rank, and the final HF export gathered from the parameter shards."""
     import yaml
 
     out = tmp_path / "run"
     cfg = tmp_path / "run.yaml"
     spec = run_spec(tiny_assets, out, steps=2, stage=3)
     spec["checkpoint"]["every_steps"] = 2
+    spec["drift"]["probe_every"] = 1
     cfg.write_text(yaml.safe_dump(spec))
     log = tmp_path / "torchrun.log"
     res = torchrun([str(HERE / "_train_rank.py"), str(cfg)], log=log, timeout=600)
     assert res.returncode == 0, log.read_text()[-4000:]
     recs = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all(r["world_size"] == 2 for r in recs)
+    assert all(len(r["axis_win_rate"]) == 3 for r in recs)  # probed on both ranks, agreed by all-reduce
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(str(out / "checkpoints" / "step-00000002" / "policy"))
