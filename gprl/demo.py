@@ -14,11 +14,13 @@ VARIANTS = {
     "gprl_global_norm": {"gpm": {"path": "world:gpm", "axes": 3}, "algo": {"normalization": "global"}, "drift": {"mode": "in_process"}},
 }
 
+# The long budget of docs/experiment.md: past ~80 steps every method without a monitor reward-hacks the world's
+# exploit, which is what the demo is there to show (at 40 steps all methods are equal).
 DEMO_BASE = {
-    "algo": {"steps": 60, "prompts_per_step": 4, "group_size": 8, "learning_rate": 3e-4, "kl_coef": 0.02},
+    "algo": {"steps": 120, "prompts_per_step": 4, "group_size": 8, "learning_rate": 3e-4, "kl_coef": 0.02},
     "rollout": {"max_new_tokens": 32},
-    "output": {"eval_every": 20, "eval_prompts": 64, "eval_samples": 2},
-    "checkpoint": {"every_steps": 20},
+    "output": {"eval_every": 40, "eval_prompts": 96, "eval_samples": 2},
+    "checkpoint": {"every_steps": 40},
 }
 
 
@@ -52,13 +54,19 @@ def run_variants(names, base: dict, out_dir: Path, seeds=(0,), log=print, progre
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | seed | oracle win rate vs SFT | proxy (own RM) win rate | exploit (repeats/response) | interventions |",
-             "|---|---|---|---|---|---|"]
+    """Oracle win rate against the SFT reference at every evaluation, then the last evaluation's proxy win rate and
+    exploit."""
+    steps = sorted({e["step"] for r in rows for e in r["evals"] if e["step"] > 0})
+    nan = float("nan")
+    lines = ["| variant | seed | " + " | ".join(f"oracle win @ {s}" for s in steps)
+             + " | proxy (own RM) win | exploit (repeats/response) | interventions |",
+             "|---|---|" + "---|" * len(steps) + "---|---|---|"]
     for r in rows:
-        f = r["final"]
+        f, at = r["final"], {e["step"]: e for e in r["evals"]}
+        wins = " | ".join(f"{at[s].get('oracle_win_rate', nan):.3f}" if s in at else "" for s in steps)
         lines.append(
-            f"| {r['variant']} | {r['seed']} | {f.get('oracle_win_rate', float('nan')):.3f} | {f['gpm_win_rate']:.3f} | "
-            f"{f.get('policy_exploit', float('nan')):.2f} (SFT {f.get('reference_exploit', float('nan')):.2f}) | {r['interventions']} |"
+            f"| {r['variant']} | {r['seed']} | {wins} | {f['gpm_win_rate']:.3f} | "
+            f"{f.get('policy_exploit', nan):.2f} (SFT {f.get('reference_exploit', nan):.2f}) | {r['interventions']} |"
         )
     return "\n".join(lines)
 
