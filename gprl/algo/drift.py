@@ -155,9 +155,10 @@ class DriftMonitor:
         if spec.pinned_weights is not None:
             weights = self._baseline_control().weights
         else:
-            # pressure on axis l from each signal while that signal is over its threshold: the relative gain of
-            # spectrum share, and, on the leading axis, the lead over τ_L. (Spectrum pressure while only the lead is
-            # high would random-walk the weights of near-empty axes, whose relative share is mostly noise.)
+            # pressure on axis l from each signal only while that signal is high: the relative gain of spectrum
+            # share while D(t) is above its release level, and, on the leading axis, L / τ_L while L > τ_L.
+            # (Spectrum pressure while only the lead is high would random-walk the weights of near-empty axes,
+            # whose relative share is mostly noise.)
             s = self.state
             pressure = [0.0] * self.axes
             if s.divergence > spec.release_ratio * spec.tau:
