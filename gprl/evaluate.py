@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from gprl.gpm import GeneralPreferenceModel
-from gprl.gpm.training import pair_scores
+from gprl.gpm.training import pair_axis_scores
 
 
 @torch.no_grad()
@@ -42,25 +42,25 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int
 
 
 @torch.no_grad()
+def win_rates(gpm: GeneralPreferenceModel, tokenizer, prompts: Sequence[str], a: Sequence[str],
+              b: Sequence[str]) -> tuple[float, list[float]]:
+    """(mean P_GPM(a ≻ b | x) = σ(s(a, b) / β), and per axis l the mean σ(s_l(a, b) / β): how often a beats b on
+    that axis alone). One scoring pass per side. One axis running ahead of the others while they stay near ½ is
+    single-axis exploitation."""
+    s = pair_axis_scores(gpm.score(tokenizer, prompts, a), gpm.score(tokenizer, prompts, b))  # (N, k)
+    beta = gpm.config.beta
+    return float(torch.sigmoid(s.sum(-1) / beta).mean()), torch.sigmoid(s / beta).mean(0).tolist()
+
+
 def gpm_win_rate(gpm: GeneralPreferenceModel, tokenizer, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
     """Mean P_GPM(a ≻ b | x) = σ(s(a, b) / β)."""
-    out_a = gpm.score(tokenizer, prompts, a)
-    out_b = gpm.score(tokenizer, prompts, b)
-    s = pair_scores(out_a, type(out_b)(out_b.embeddings, out_a.eigenvalues))
-    return float(torch.sigmoid(s / gpm.config.beta).mean())
+    return win_rates(gpm, tokenizer, prompts, a, b)[0]
 
 
-@torch.no_grad()
 def axis_win_rates(gpm: GeneralPreferenceModel, tokenizer, prompts: Sequence[str], a: Sequence[str],
                    b: Sequence[str]) -> list[float]:
-    """Per axis l, mean σ(λ_l(x) (a_l(a) b_l(b) − b_l(a) a_l(b)) / β): how often a beats b on that axis alone.
-    Returns k floats. One axis near 1 while the others sit at or below 0.5 is single-axis exploitation."""
-    out_a = gpm.score(tokenizer, prompts, a)
-    out_b = gpm.score(tokenizer, prompts, b)
-    a_a, b_a = out_a.embeddings[:, 0::2], out_a.embeddings[:, 1::2]
-    a_b, b_b = out_b.embeddings[:, 0::2], out_b.embeddings[:, 1::2]
-    s = out_a.eigenvalues * (a_a * b_b - b_a * a_b)  # (N, k)
-    return torch.sigmoid(s / gpm.config.beta).mean(0).tolist()
+    """Per axis l, mean σ(λ_l(x) (a_l(a) b_l(b) − b_l(a) a_l(b)) / β). Returns k floats."""
+    return win_rates(gpm, tokenizer, prompts, a, b)[1]
 
 
 def oracle_win_rate(oracle, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:

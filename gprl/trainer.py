@@ -311,7 +311,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Win rate of the current policy against the reference on held-out prompts (same seeds each time)."""
-        from gprl.evaluate import axis_win_rates, gpm_win_rate, oracle_win_rate
+        from gprl.evaluate import oracle_win_rate, win_rates
 
         spec = self.spec
         prompts = self._eval_prompts()
@@ -319,8 +319,8 @@ class Trainer:
             self._reference_samples = self._sample_reference(prompts, spec.output.eval_samples, spec.seed + 1)
         rep, mine = self._sample(self.policy, prompts, spec.output.eval_samples, spec.seed + 2)
         ref = self._reference_samples
-        rec = {"step": self.step, "gpm_win_rate": gpm_win_rate(self.gpm, self.gpm_tokenizer, rep, mine, ref),
-               "gpm_axis_win_rate": axis_win_rates(self.gpm, self.gpm_tokenizer, rep, mine, ref)}
+        overall, per_axis = win_rates(self.gpm, self.gpm_tokenizer, rep, mine, ref)
+        rec = {"step": self.step, "gpm_win_rate": overall, "gpm_axis_win_rate": per_axis}
         if self.sources.oracle is not None:
             rec["oracle_win_rate"] = oracle_win_rate(self.sources.oracle, rep, mine, ref)
             rec.update({f"policy_{k}": v for k, v in self.sources.oracle_stats(rep, mine).items()})

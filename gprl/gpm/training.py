@@ -18,11 +18,16 @@ from gprl.gpm.data import PreferencePair
 from gprl.gpm.model import GeneralPreferenceModel, GPMOutput, encode_pairs
 
 
-def pair_scores(chosen: GPMOutput, rejected: GPMOutput) -> Tensor:
-    """s(chosen ≻ rejected) = Σ_l λ_l (a_c b_r − b_c a_r), λ from the (shared) prompt. Returns (N,)."""
+def pair_axis_scores(chosen: GPMOutput, rejected: GPMOutput) -> Tensor:
+    """s_l(chosen ≻ rejected) = λ_l (a_c b_r − b_c a_r) per axis, λ from the chosen side's prompt. Returns (N, k)."""
     a_c, b_c = chosen.embeddings[:, 0::2], chosen.embeddings[:, 1::2]
     a_r, b_r = rejected.embeddings[:, 0::2], rejected.embeddings[:, 1::2]
-    return (chosen.eigenvalues * (a_c * b_r - b_c * a_r)).sum(-1)
+    return chosen.eigenvalues * (a_c * b_r - b_c * a_r)
+
+
+def pair_scores(chosen: GPMOutput, rejected: GPMOutput) -> Tensor:
+    """s(chosen ≻ rejected) = Σ_l λ_l (a_c b_r − b_c a_r), λ from the (shared) prompt. Returns (N,)."""
+    return pair_axis_scores(chosen, rejected).sum(-1)
 
 
 def preference_loss(scores: Tensor, prob: Tensor, beta: float, margin: float = 0.0) -> Tensor:
