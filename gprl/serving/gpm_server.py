@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gprl.serving.http import make_server
+from gprl.serving.http import make_server, serve
 
 
 @dataclass
@@ -169,12 +169,7 @@ def serve_gpm_main(argv: list[str] | None = None) -> int:
     gpm, tok = load_gpm(path, args.dtype, tok_path)
     server = build_server(gpm, tok, args.host, args.port, model_name=str(path), batch_size=args.batch_size,
                           max_batch=args.max_batch, window_s=args.batch_window_ms / 1000, max_length=args.max_length)
-    print(f"[serve-gpm] {path} (k={gpm.config.axes}) on http://{args.host}:{server.server_address[1]}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return serve(server, f"[serve-gpm] {path} (k={gpm.config.axes}) on http://{args.host}:{server.server_address[1]}")
 
 
 if __name__ == "__main__":

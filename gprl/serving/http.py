@@ -155,3 +155,13 @@ def make_server(host: str, port: int, routes: dict) -> ThreadingHTTPServer:
     server.daemon_threads = True
     server.routes = routes  # type: ignore[attr-defined]
     return server
+
+
+def serve(server: ThreadingHTTPServer, banner: str) -> int:
+    """Print the banner (the tests and the pod logs wait for it) and serve until interrupted; the exit status."""
+    print(banner, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0

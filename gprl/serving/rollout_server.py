@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.parse
 
-from gprl.serving.http import make_server
+from gprl.serving.http import make_server, serve
 
 
 def _query(handler) -> dict:
@@ -134,13 +134,8 @@ def serve_rollout_main(argv: list[str] | None = None) -> int:
     engine = VLLMEngine(args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
                         gpu_memory_utilization=args.gpu_memory_utilization, version=args.version)
     server = build_server(engine, args.host, args.port, args.max_model_len)
-    print(f"[serve-rollout] {args.model} on http://{args.host}:{server.server_address[1]} (version {engine.version})",
-          flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return serve(server, f"[serve-rollout] {args.model} on http://{args.host}:{server.server_address[1]} "
+                         f"(version {engine.version})")
 
 
 if __name__ == "__main__":
