@@ -73,46 +73,39 @@ def render(run_dir: Path, png: Path, title: str = "") -> Path:
                 ax.axvspan(on, x[i - 1], color="#f2495c", alpha=0.12, lw=0)
                 on = None
 
+    def finish(ax, title: str, ncol: int = 1):
+        shade(ax)
+        ax.set_title(title)
+        ax.legend(loc="upper left", fontsize=8, ncol=ncol, facecolor="#181b1f", edgecolor="#2c3235")
+
     ax = axes[0][0]
     ax.plot(x, s["D"], color=colors[0], label="D(t)")
     ax.axhline(s["tau"], color="#f2495c", ls="--", lw=1, label="τ (trigger)")
     ax.axhline(s["release"], color="#ff9830", ls=":", lw=1, label="release")
-    shade(ax)
-    ax.set_title("D(t) = KL(α(t) ‖ α(0)) and τ")
-    ax.legend(loc="upper left", fontsize=8, facecolor="#181b1f", edgecolor="#2c3235")
+    finish(ax, "D(t) = KL(α(t) ‖ α(0)) and τ")
     ax = axes[0][1]
     for i in range(k):
         ax.plot(x, [a[i] for a in s["alpha"]], color=colors[i], label=f"α_{i}(t)")
         ax.plot(x, [a[i] for a in s["alpha0"]], color=colors[i], ls="--", lw=1, label=f"α_{i}(0)")
-    shade(ax)
-    ax.set_title("Variance spectrum α(t) vs start of run")
-    ax.legend(loc="upper left", fontsize=8, ncol=k, facecolor="#181b1f", edgecolor="#2c3235")
+    finish(ax, "Variance spectrum α(t) vs start of run", ncol=k)
     ax = axes[0][2]
     for i in range(k):
         ax.plot(s["probe_step"], [w[i] for w in s["win_rate"]], ".-", color=colors[i], label=f"w_{i}")
     ax.axhline(0.5, color="#9fa7b3", lw=0.8)
-    shade(ax)
-    ax.set_title("Per-axis win rate against the reference (probe)")
-    ax.legend(loc="upper left", fontsize=8, ncol=k, facecolor="#181b1f", edgecolor="#2c3235")
+    finish(ax, "Per-axis win rate against the reference (probe)", ncol=k)
     ax = axes[1][2]
     ax.plot(x, s["lead"], color=colors[0], label="L")
     ax.axhline(s["lead_tau"], color="#f2495c", ls="--", lw=1, label="τ_L (trigger)")
-    shade(ax)
-    ax.set_title("Win-rate lead L = w_top − max(½, w_second)")
-    ax.legend(loc="upper left", fontsize=8, facecolor="#181b1f", edgecolor="#2c3235")
+    finish(ax, "Win-rate lead L = w_top − max(½, w_second)")
     ax = axes[1][0]
     for i in range(k):
         ax.plot(x, [w[i] for w in s["weights"]], color=colors[i], label=f"m_{i}")
-    shade(ax)
-    ax.set_title("Axis weights m_l applied by the trainer")
-    ax.legend(loc="upper left", fontsize=8, ncol=k, facecolor="#181b1f", edgecolor="#2c3235")
+    finish(ax, "Axis weights m_l applied by the trainer", ncol=k)
     ax = axes[1][1]
     ax.plot(x, s["kl_coef"], color=colors[3], label="β_KL")
     ax.plot(x, s["eps_low"], color=colors[2], label="ε_low")
     ax.plot(x, s["kl"], color=colors[4], lw=1, label="KL(π ‖ π_ref)")
-    shade(ax)
-    ax.set_title("Trust region: β_KL, ε and KL")
-    ax.legend(loc="upper left", fontsize=8, facecolor="#181b1f", edgecolor="#2c3235")
+    finish(ax, "Trust region: β_KL, ε and KL")
     for row in axes:
         for ax in row:
             ax.grid(True, lw=0.5)

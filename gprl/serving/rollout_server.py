@@ -97,7 +97,7 @@ def serve_rollout_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gprl serve-rollout", description="Serve a vLLM engine for GPRL rollouts.")
     p.add_argument("--model", help="policy folder (Hugging Face layout) the engine starts from")
     p.add_argument("--config", help="a run config (YAML or GPRLRun manifest): model, dtype, lengths and seed from it "
-                                    "(how the operator's rollout Deployment starts it); flags override")
+                                    "(how the operator's rollout StatefulSet starts it); flags override")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"])
