@@ -1,7 +1,7 @@
 # The two commands of the README. Both set themselves up on a fresh machine.
 VENV = $(shell scripts/bootstrap.sh)
 
-.PHONY: demo test test-fast k8s-tools dev-cluster
+.PHONY: help demo test test-fast k8s-tools dev-cluster
 demo:            ## the main job: a local GPRL run on CPU in the synthetic preference world
 	$(VENV)/bin/gprl demo
 
@@ -16,3 +16,6 @@ k8s-tools:       ## build/install kube-apiserver, controller-manager, scheduler,
 
 dev-cluster: k8s-tools  ## a local control plane with fake GPU nodes, for trying the operator with kubectl
 	$(VENV)/bin/gprl dev-cluster
+
+help:            ## list the targets
+	@grep -E '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):[^#]*## (.*)/\1\t\2/' | expand -t 18

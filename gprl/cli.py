@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 import yaml
 
@@ -110,25 +111,6 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_dev_cluster(args) -> int:
-    from gprl.devcluster import run_dev_cluster
-
-    run_dev_cluster(args.workdir, args.nodes, args.gpus_per_node)
-    return 0
-
-
-def cmd_crd(args) -> int:
-    from gprl.crd import main as crd_main
-
-    return crd_main(args.crd_args) or 0
-
-
-def cmd_operator(args) -> int:
-    from gprl_operator.__main__ import main as operator_main
-
-    return operator_main(args.operator_args) or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gprl", description="General Preference Reinforcement Learning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,27 +162,62 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.set_defaults(func=cmd_report)
 
-    # Servers of the disaggregated topology; they parse their own flags (`gprl serve-gpm --help`), see main().
-    sub.add_parser("serve-gpm", help="GPM scoring server (batched; embeddings and eigenvalues over HTTP)", add_help=False)
-    sub.add_parser("serve-rollout", help="vLLM rollout server with a weight-update endpoint", add_help=False)
+    # Commands that parse their own flags (`gprl serve-gpm --help`): main() hands them their argv, see _OWN_PARSER.
+    for name, (summary, _) in _OWN_PARSER.items():
+        sub.add_parser(name, help=summary, add_help=False)
 
     return p
 
 
-def _serve(name: str, argv: list[str]) -> int:
-    if name == "serve-gpm":
-        from gprl.serving.gpm_server import serve_gpm_main
+def _serve_gpm(argv: list[str]) -> int:
+    from gprl.serving.gpm_server import serve_gpm_main
 
-        return serve_gpm_main(argv)
+    return serve_gpm_main(argv)
+
+
+def _serve_rollout(argv: list[str]) -> int:
     from gprl.serving.rollout_server import serve_rollout_main
 
     return serve_rollout_main(argv)
 
 
+def _dev_cluster(argv: list[str]) -> int:
+    from gprl.devcluster import main as dev_cluster_main
+
+    return dev_cluster_main(argv)
+
+
+def _crd(argv: list[str]) -> int:
+    from gprl.crd import main as crd_main
+
+    return crd_main(argv)
+
+
+def _operator(argv: list[str]) -> int:
+    try:
+        from gprl_operator.__main__ import main as operator_main
+    except ImportError as exc:
+        print(f"gprl operator: the operator package is not installed ({exc}); "
+              "install it with `pip install -e ./operator` (or `pip install gprl[operator]`)", file=sys.stderr)
+        return 2
+    return operator_main(argv)
+
+
+# name -> (one-line help, entry point taking the remaining argv). Each parses its own flags, so `--help` is theirs.
+_OWN_PARSER: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "serve-gpm": ("GPM scoring server (batched; embeddings and eigenvalues over HTTP)", _serve_gpm),
+    "serve-rollout": ("vLLM rollout server with a weight-update endpoint", _serve_rollout),
+    "dev-cluster": ("a local Kubernetes control plane with fake GPU nodes (kwok), for trying the operator",
+                    _dev_cluster),
+    "crd": ("print the GPRLRun CRD (or its reference page; --write regenerates the repository's copies)", _crd),
+    "operator": ("run the GPRL operator (kopf) against the cluster KUBECONFIG points at", _operator),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("serve-gpm", "serve-rollout"):
-        return _serve(argv[0], argv[1:])
+    if argv and argv[0] in _OWN_PARSER:
+        return _OWN_PARSER[argv[0]][1](argv[1:]) or 0
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
