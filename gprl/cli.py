@@ -31,11 +31,15 @@ def cmd_train(args) -> int:
     from gprl.trainer import Trainer
 
     spec = parse_config(apply_config_flags(_load_raw(args.config), args), args.config)
-    Trainer(spec).train()
+    trainer = Trainer(spec)
+    trainer.train()
     from gprl.distributed import shutdown
 
     shutdown()  # multi-rank runs: leave together, process group torn down before exit
-    return 0
+    # Stopped by SIGTERM/SIGINT with a checkpoint: a clean, resumable stop (exit 0 unless told otherwise: the
+    # operator asks for a code its Job's podFailurePolicy ignores, so the Job replaces the pod instead of
+    # counting the index as complete).
+    return args.exit_code_on_stop if trainer.step < spec.algo.steps else 0
 
 
 def cmd_config(args) -> int:
@@ -117,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run GPRL training from a config file (YAML, or a GPRLRun manifest)")
     t.add_argument("--config", "-c", help="run config (YAML); flags below override it")
+    t.add_argument("--exit-code-on-stop", type=int, default=0, metavar="N",
+                   help="exit status after SIGTERM/SIGINT stopped the run with a checkpoint before its last step")
+    t.add_argument("--overwrite-output", dest="cfg:output.overwrite", action="store_const", const="true",
+                   default=argparse.SUPPRESS, help="same as --output.overwrite true")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 
@@ -228,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (FileNotFoundError, ValueError) as exc:
         print(f"gprl: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file or folder the user named: unreadable, a folder, a full or read-only disk
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gprl: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -250,6 +250,24 @@ class OutputSpec(_Spec):
     )
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts per evaluation.")
     eval_samples: int = Field(2, ge=1, le=64, description="Sampled responses per prompt and policy in an evaluation.")
+    overwrite: bool = Field(
+        False,
+        description="With checkpoint.resume: false, delete the run already in output.dir (its checkpoints and logs) "
+        "and start afresh; without it such a start is refused.",
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that receive the step metrics and the samples (TensorBoard event files in "
+        "<output.dir>/tensorboard; W&B honours WANDB_MODE=offline; MLflow uses MLFLOW_TRACKING_URI, else a local "
+        "file store in <output.dir>/mlruns).",
+    )
+    samples_every: int = Field(
+        10, ge=0, description="Every this many steps, log generated samples to samples.jsonl and the trackers (0 = off)."
+    )
+    samples_groups: int = Field(
+        2, ge=1, le=1024, description="Prompt groups logged per sample step (every response of a group, with its "
+        "per-axis scores and advantage).",
+    )
 
 
 class ResourcesSpec(_Spec):
@@ -282,6 +300,11 @@ class ResourcesSpec(_Spec):
     )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Node labels the pods must match (e.g. a GPU product)."
+    )
+    termination_grace_period_seconds: int = Field(
+        600, ge=30, le=86400,
+        description="Time a trainer pod gets between SIGTERM (eviction, preemption) and SIGKILL: it must cover the "
+        "rest of a step plus one checkpoint write, after which the trainer exits.",
     )
 
 

@@ -43,6 +43,16 @@ class TrainerMetrics:
             "gprl_drift_interventions", "Drift-monitor trigger events.", ["run"], registry=self.registry
         )
         self.interventions.labels(run)  # exported as 0 from the start, so rate() and alerts see it
+        self.gpm_nonfinite = Counter(
+            "gprl_gpm_nonfinite_responses", "Responses whose GPM output (embedding or eigenvalues) was not finite; "
+            "their groups were left out of the advantages and the drift statistics.", ["run"], registry=self.registry,
+        )
+        self.gpm_nonfinite.labels(run)
+        self.updates_skipped = Counter(
+            "gprl_updates_skipped", "Updates skipped because the loss or the gradient norm was not finite.", ["run"],
+            registry=self.registry,
+        )
+        self.updates_skipped.labels(run)
         self.step_seconds = Histogram(
             "gprl_step_seconds",
             "Wall time of one training step.",
@@ -76,6 +86,10 @@ class TrainerMetrics:
         ]:
             for axis, value in enumerate(rec.get(key) or []):
                 self.axis[name].labels(r, str(axis)).set(float(value))
+        if rec.get("gpm_nonfinite"):
+            self.gpm_nonfinite.labels(r).inc(rec["gpm_nonfinite"])
+        if rec.get("update_skipped"):
+            self.updates_skipped.labels(r).inc(rec["update_skipped"])
         if rec.get("trigger_events"):
             self.interventions.labels(r).inc(rec["trigger_events"])
         for phase, seconds in rec["timings"].items():

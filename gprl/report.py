@@ -23,6 +23,25 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def samples_section(samples: list[dict], per_step: int = 4) -> list[str]:
+    """A few samples of the first and the last sample step, beside the drift figure: what the policy wrote then,
+    with the GPM's per-axis scores and the advantage it got. Fenced blocks keep the text as written."""
+    if not samples:
+        return []
+    steps = sorted({r["step"] for r in samples})
+    lines = ["## Samples", "", "Responses with the GPM's per-axis scores ŝ_l and their advantage A "
+             "(all samples: samples.jsonl).", ""]
+    for step in dict.fromkeys([steps[0], steps[-1]]):
+        lines += [f"### Step {step}", ""]
+        for r in [r for r in samples if r["step"] == step][:per_step]:
+            scores = ", ".join(f"{x:.3f}" for x in r["scores"])
+            flag = " · **GPM output non-finite: left out**" if r.get("gpm_nonfinite") else ""
+            lines += [f"group {r['group']} · A = {r['advantage']:+.3f} · ŝ = [{scores}]{flag}", "",
+                      "prompt:", "", "```text", r["prompt"], "```", "", "response:", "", "```text", r["response"],
+                      "```", ""]
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     out = run_dir / "report"
@@ -95,6 +114,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines.append(f"- win rate against the reference at step {e['step']}: GPM-judged {e['gpm_win_rate']:.3f}"
                      + (f", oracle {e['oracle_win_rate']:.3f}" if "oracle_win_rate" in e else ""))
     lines += ["", "![axes](axes.png)", "", "![drift](drift.png)", ""]
+    lines += samples_section(read_jsonl(run_dir / "samples.jsonl"))
     if evals:
         lines += ["![win rate](win_rate.png)", ""]
     (out / "summary.md").write_text("\n".join(lines))

@@ -1,16 +1,23 @@
 """The GPRL loop: rollouts → GPM scoring → per-axis advantages → clipped update → drift monitor.
 
 Control (axis weights m, β_KL, ε) decided after step t is applied from step t+1: the step boundary.
-Checkpoints are written atomically; a run resumes from its newest one with the same data order,
-RNG state, optimizer, drift-monitor state and control.
+Checkpoints are written atomically with a manifest; a run resumes from its newest valid one with the same data
+order, RNG state, optimizer, drift-monitor state and control. SIGTERM or SIGINT stops the run at the next step
+boundary with a checkpoint of that step. Non-finite GPM outputs and losses are counted and kept away from the
+weights, the drift monitor and the checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +28,14 @@ import torch
 from gprl import distributed as gdist
 from gprl.algo import DriftMonitor, advantages, axis_variance
 from gprl.algo.drift import Control
-from gprl.checkpoint import atomic_dir
+from gprl.checkpoint import (
+    InvalidCheckpoint, OutputFolderError, OutputLock, atomic_dir, checkpoint_folders, load_state, publish,
+    remove_stale_temps, save_state, verify_manifest,
+)
 from gprl.config import RunSpec, atomic_write_text, dump_config, parse_config
 from gprl.data import PromptSampler, load_prompts
 from gprl.gpm import GeneralPreferenceModel
+from gprl.gpm.model import CONFIG_FILE as GPM_CONFIG_FILE
 from gprl.learner import make_learner
 from gprl.metrics import TrainerMetrics
 from gprl.rollout import make_rollout
@@ -52,6 +63,13 @@ RESUME_FIELDS = (
 
 class CheckpointMismatch(ValueError):
     pass
+
+
+# Files of a run folder that belong to one run: `checkpoint.resume: false` refuses a folder holding them unless
+# output.overwrite, which deletes them.
+RUN_FILES = ("steps.jsonl", "evals.jsonl", "samples.jsonl", "config.yaml", "report", "checkpoints", "tracking.json",
+             "tensorboard")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def seed_everything(seed: int) -> None:
@@ -94,6 +112,10 @@ class Trainer:
         hf_logging.disable_progress_bar()
         spec, src = self.spec, self.sources
         dtype = getattr(torch, spec.model.dtype)
+        for name, folder in (("model.policy", src.policy), ("model.reference", src.reference)):
+            if Path(folder, GPM_CONFIG_FILE).exists():
+                raise ValueError(f"{name} {folder} is a GPM folder (it has {GPM_CONFIG_FILE}); point {name} at a "
+                                 "causal language model, and gpm.path at the GPM")
         self.tokenizer = AutoTokenizer.from_pretrained(src.policy)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -145,7 +167,11 @@ class Trainer:
                 f"set gpm.axes: {self.gpm.config.axes}"
             )
 
-        prompts = load_prompts(spec.data, self.tokenizer, spec.model.chat_template, src.train_prompts)
+        try:
+            prompts = load_prompts(spec.data, self.tokenizer, spec.model.chat_template, src.train_prompts)
+        except IsADirectoryError:
+            raise ValueError(f"data.prompts {spec.data.prompts} is a folder; give a file, or hf:<folder> for a "
+                             "`datasets` folder") from None
         self.sampler = PromptSampler(prompts, spec.seed, spec.data.shuffle)
         # The learner first: a DeepSpeed learner starts the process group (multi-rank runs under torchrun or an
         # indexed Job). Each rank takes a contiguous share of every step's prompts (whole groups).
@@ -170,6 +196,8 @@ class Trainer:
             self.channel = open_channel(spec, self.control)
         self.step = 0
         self.policy_version = 0
+        self.samples: list[dict] = []  # this step's rows for samples.jsonl (sample steps only)
+        self.stop_signal: str | None = None  # name of the signal that asked the run to stop
         self.metrics = TrainerMetrics(run=os.environ.get("GPRL_RUN_NAME", self.out.name))
         if spec.output.metrics_port and self.rank == 0:
             self.metrics.serve(spec.output.metrics_port)
@@ -204,24 +232,44 @@ class Trainer:
             k, G = spec.gpm.axes, algo.group_size
             v = out.embeddings.view(-1, G, out.embeddings.shape[-1])
             lam = out.eigenvalues.view(-1, G, k)[:, 0]
+            # A group with any non-finite GPM output (a response's embedding, or its prompt's eigenvalues) is left
+            # out: zero advantage (only the KL term acts on it) and no part in the drift statistics.
+            bad_rows = ~torch.isfinite(v).all(dim=-1) | ~torch.isfinite(lam).all(dim=-1, keepdim=True)  # (B, G)
+            bad = bad_rows.any(dim=1)  # (B,)
+            if bad.any():
+                v = torch.where(bad[:, None, None], torch.zeros_like(v), v)
+                lam = torch.where(bad[:, None], torch.zeros_like(lam), lam)
             weights = torch.tensor(control.weights, dtype=v.dtype, device=v.device)
             adv, scores = advantages(v, lam, weights, algo.normalization, algo.std_eps)
-            axis_var = axis_variance(scores).cpu()
-            lam = lam.cpu()
+            adv = torch.where(bad[:, None], torch.zeros_like(adv), adv)
+            good = ~bad
+            axis_var = (axis_variance(scores[good]) if good.any()  # no good group: NaN, and the monitor skips
+                        else torch.full((k,), float("nan"), dtype=scores.dtype, device=scores.device)).cpu()
+            lam = lam[good].cpu()
+            self._keep_samples(batch, scores, adv, bad_rows)
             lengths = batch.response_mask.sum(dim=1).float().cpu()
             # Statistics of the whole step (all ranks; equal shares, so the mean of rank means is the global
             # mean): every rank feeds the same axis variances to its monitor and gets the same control.
             summary = gdist.all_reduce_mean(
                 torch.cat([axis_var.float(), lam.float().mean(dim=0), torch.stack([
-                    lengths.mean(), adv.abs().mean().float().cpu(), torch.tensor(float(batch.num_tokens))])])
+                    lengths.mean(), adv.abs().mean().float().cpu(), torch.tensor(float(batch.num_tokens)),
+                    bad_rows.sum().float().cpu()])])
             )
             axis_var, lam_mean = summary[:k].float(), summary[k : 2 * k].float()
-            length_mean, adv_abs_mean, tokens = (float(x) for x in summary[2 * k :])
+            length_mean, adv_abs_mean, tokens, nonfinite = (float(x) for x in summary[2 * k :])
             tokens = int(round(tokens * self.world))
+            nonfinite = int(round(nonfinite * self.world))
+            if nonfinite:
+                self.log(f"warning: step {self.step + 1}: the GPM returned non-finite outputs for {nonfinite} "
+                         "responses; their groups get zero advantage and are left out of the drift statistics")
         with timer("update"):
             stats = self.learner.update(batch, adv.detach().reshape(-1).to(batch.sequences.device), control)
-            self.policy_version += 1
-            self.rollout.sync_weights(self.policy, self.policy_version)
+            if stats.skipped:
+                self.log(f"warning: step {self.step + 1}: non-finite loss or gradient (loss {stats.loss}, grad norm "
+                         f"{stats.grad_norm}); the update was skipped, the weights are unchanged")
+            else:
+                self.policy_version += 1
+                self.rollout.sync_weights(self.policy, self.policy_version)
         win_rate = None
         if spec.drift.mode != "off" and spec.drift.probe_every and (self.step + 1) % spec.drift.probe_every == 0:
             with timer("probe"):
@@ -229,8 +277,12 @@ class Trainer:
                 # so every rank's monitor decides the same control
                 win_rate = gdist.all_reduce_mean(torch.tensor(self.probe(), dtype=torch.float64)).tolist()
         with timer("monitor"):
-            if spec.drift.mode == "in_process":
+            finite = torch.isfinite(axis_var).all() and all(math.isfinite(w) for w in (win_rate or []))
+            if spec.drift.mode == "in_process" and finite:
                 self.control = self.monitor.update(axis_var.tolist(), win_rate)
+            elif spec.drift.mode == "in_process":
+                # a non-finite statistic would stay in the EMA spectrum for good: keep the monitor as it was
+                self.log(f"warning: step {self.step + 1}: non-finite drift statistics; the drift monitor skips this step")
             state = self.monitor.state
         self.step += 1
         elapsed = time.perf_counter() - t0
@@ -249,6 +301,8 @@ class Trainer:
             "tokens": tokens,
             "tokens_per_second": tokens / elapsed,
             "advantage_abs_mean": adv_abs_mean,
+            "gpm_nonfinite": nonfinite,
+            "update_skipped": int(stats.skipped),
             "axis_variance": axis_var.tolist(),
             "eigenvalues": lam_mean.tolist(),
             "spectrum": state.spectrum,
@@ -332,19 +386,101 @@ class Trainer:
     def train(self) -> list[dict]:
         # Every rank runs the loop (rollouts, updates, evaluations and checkpoints are collective under DeepSpeed);
         # only rank 0 writes the config, the logs, the metrics and the report.
+        try:
+            self._open_output()
+            with self._stop_on_signals():
+                return self._train()
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise OutputFolderError(
+                    f"output.dir {self.out}: cannot write {exc.filename or 'a file'}: {exc.strerror}. The checkpoints "
+                    "already written are intact; free space (or fix the permissions) and rerun to resume."
+                ) from exc
+            raise
+        finally:
+            if getattr(self, "trackers", None) is not None:
+                self.trackers.close(finished=self.step >= self.spec.algo.steps)
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
+
+    def _open_output(self) -> None:
+        """Rank 0 takes the folder's lock, refuses a fresh start over an existing run unless told to overwrite,
+        and removes what interrupted writers left. Errors name output.dir (exit 2 from the CLI)."""
+        spec = self.spec
+        self._lock = None
+        if self.rank == 0:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self._lock = OutputLock(self.out).acquire()
+            except (FileExistsError, NotADirectoryError):
+                raise OutputFolderError(f"output.dir {self.out} is not a folder (a file is in the way)") from None
+            except OSError as exc:
+                raise OutputFolderError(f"output.dir {self.out} cannot be used: {exc.strerror}") from None
+            used = [n for n in RUN_FILES if (self.out / n).exists()]
+            if not spec.checkpoint.resume and used:
+                if not spec.output.overwrite:
+                    raise OutputFolderError(
+                        f"output.dir {self.out} holds a run ({', '.join(used)}) and checkpoint.resume is false. "
+                        "Set output.overwrite: true (--output.overwrite true) to delete it and start afresh, "
+                        "checkpoint.resume: true to continue it, or give another output.dir."
+                    )
+                for n in used:
+                    p = self.out / n
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                self.log(f"output.overwrite: deleted the previous run in {self.out} ({', '.join(used)})")
+            for p in remove_stale_temps(self.out) + remove_stale_temps(self.checkpoint_root):
+                self.log(f"removed {p}, left by an interrupted write")
+        gdist.barrier()
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM (eviction, preemption) or SIGINT: finish the step, checkpoint it, return. A second signal acts
+        as if there were no handler. Handlers can only be set from the main thread; elsewhere nothing changes."""
+        self.stop_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_signal(signum, frame):
+            if self.stop_signal is not None:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self.stop_signal = signal.Signals(signum).name
+            os.write(2, f"gprl: {self.stop_signal}: stopping after the current step with a checkpoint "
+                        "(send it again to stop at once)\n".encode())
+
+        previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        """Same answer on every rank: the pods of a run get their signals at slightly different moments."""
+        return gdist.all_reduce_max(int(self.stop_signal is not None)) > 0
+
+    def _train(self) -> list[dict]:
         spec, lead = self.spec, self.rank == 0
-        self.out.mkdir(parents=True, exist_ok=True)
         if spec.checkpoint.resume:
             self.resume()
         log_path = self.out / "steps.jsonl"
+        samples_path = self.out / "samples.jsonl"
+        self.trackers = None
         if lead:
             dump_config(spec, self.out / "config.yaml")
             self._truncate_log(log_path)
             self._truncate_log(self.out / "evals.jsonl")
+            self._truncate_log(samples_path)
+            from gprl.tracking import open_trackers
+
+            self.trackers = open_trackers(spec, self.out, start_step=self.step, log=self.log)
         if self.step == 0 and spec.output.eval_every:
             rec = self.evaluate()
             if lead:
                 self._append(self.out / "evals.jsonl", rec)
+                self.trackers.log_metrics(rec["step"], rec, prefix="eval")
         bar = None
         if spec.output.progress and lead:
             from tqdm import tqdm
@@ -359,6 +495,11 @@ class Trainer:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
                     self.metrics.record(rec)
+                    self.trackers.log_metrics(rec["step"], rec)
+                    if self.samples:
+                        with open(samples_path, "a") as sf:
+                            sf.writelines(json.dumps(r) + "\n" for r in self.samples)
+                        self.trackers.log_samples(rec["step"], self.samples)
                     if self.channel is not None:
                         self.channel.report(rec)
                 records.append(rec)
@@ -373,15 +514,37 @@ class Trainer:
                     rec = self.evaluate()  # same prompts and seeds on every rank: safe under ZeRO-3
                     if lead:
                         self._append(self.out / "evals.jsonl", rec)
-                if self.step % spec.checkpoint.every_steps == 0 or self.step == spec.algo.steps:
+                        self.trackers.log_metrics(rec["step"], rec, prefix="eval")
+                stop = self._stop_requested()
+                if stop or self.step % spec.checkpoint.every_steps == 0 or self.step == spec.algo.steps:
                     self.save_checkpoint()
+                if stop and self.step < spec.algo.steps:
+                    self.log(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {self.step}; "
+                             f"checkpoint {self.checkpoint_root / f'step-{self.step:08d}'} written. "
+                             "Rerun the same command to resume.")
+                    break
         if bar is not None:
             bar.close()
-        if spec.output.report and lead:
+        if spec.output.report and lead and self.step == spec.algo.steps:
             from gprl.report import write_report
 
             write_report(self.out)
         return records
+
+    def _keep_samples(self, batch, scores, adv, bad_rows) -> None:
+        """On sample steps, the first output.samples_groups groups as rows for samples.jsonl and the trackers."""
+        o, G = self.spec.output, self.spec.algo.group_size
+        self.samples = []
+        if not o.samples_every or (self.step + 1) % o.samples_every or self.rank != 0:
+            return
+        for b in range(min(o.samples_groups, scores.shape[0])):
+            for g in range(G):
+                i = b * G + g
+                self.samples.append({
+                    "step": self.step + 1, "group": b, "prompt": batch.prompts[i], "response": batch.responses[i],
+                    "scores": [float(x) for x in scores[b, g]], "advantage": float(adv[b, g]),
+                    "gpm_nonfinite": bool(bad_rows[b, g]),
+                })
 
     @staticmethod
     def _append(path: Path, rec: dict) -> None:
@@ -409,27 +572,41 @@ class Trainer:
             "monitor": self.monitor.state_dict(),
             "control": self.control.to_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
+            "rng": self._rng_state(),
         }
+
+    @staticmethod
+    def _rng_state() -> dict:
+        return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+    def _check_finite_weights(self) -> None:
+        """Never write a checkpoint that every resume would then load: a non-finite weight is a bug to stop at."""
+        bad = [n for n, p in self.policy.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise RuntimeError(f"non-finite policy weights at step {self.step} ({bad[:3]}); no checkpoint written")
 
     def save_checkpoint(self) -> Path:
         if hasattr(self.learner, "save"):
             return self._save_sharded_checkpoint()
+        self._check_finite_weights()
         path = self.checkpoint_root / f"step-{self.step:08d}"
         with atomic_dir(path) as tmp:
             self.policy.save_pretrained(tmp / "policy")
             self.tokenizer.save_pretrained(tmp / "policy")  # a checkpoint's policy folder loads on its own
-            torch.save(self._trainer_state(), tmp / "trainer_state.pt")
+            save_state(self._trainer_state(), tmp, "trainer_state")
             dump_config(self.spec, tmp / "config.yaml")
+        self._prune_checkpoints()
+        return path
+
+    def _prune_checkpoints(self) -> None:
         for old in sorted(self.checkpoint_root.glob("step-*"))[: -self.spec.checkpoint.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        return path
 
     def _save_sharded_checkpoint(self) -> Path:
         """A DeepSpeed learner's checkpoint: every rank writes its shard into one folder (a volume all ranks
-        share), rank 0 adds the trainer state last and renames the folder into place. Layout:
-        learner/ (DeepSpeed: model + partitioned optimizer), rng-rank<r>.pt, trainer_state.pt, config.yaml, and in
-        the final checkpoint policy/ (a plain Hugging Face export)."""
+        share), rank 0 adds the trainer state and the manifest last and renames the folder into place. Layout:
+        learner/ (DeepSpeed: model + partitioned optimizer), rng-rank<r>.{json,safetensors}, trainer_state.{json,
+        safetensors}, config.yaml, manifest.json, and in the final checkpoint policy/ (a plain Hugging Face export)."""
         path = self.checkpoint_root / f"step-{self.step:08d}"
         tmp = self.checkpoint_root / f".step-{self.step:08d}.partial"
         if self.rank == 0:
@@ -439,26 +616,26 @@ class Trainer:
         self.learner.save(tmp / "learner")
         if self.step >= self.spec.algo.steps:
             self.learner.export_pretrained(tmp / "policy")
-        torch.save({"python": random.getstate(), "torch": torch.get_rng_state()}, tmp / f"rng-rank{self.rank}.pt")
+        save_state(self._rng_state(), tmp, f"rng-rank{self.rank}")
         gdist.barrier()
         if self.rank == 0:
-            torch.save(self._trainer_state(), tmp / "trainer_state.pt")
+            save_state(self._trainer_state(), tmp, "trainer_state")
             dump_config(self.spec, tmp / "config.yaml")
-            for f in tmp.rglob("*"):
-                if f.is_file():
-                    with open(f, "rb") as fh:
-                        os.fsync(fh.fileno())
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-            for old in sorted(self.checkpoint_root.glob("step-*"))[: -self.spec.checkpoint.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            publish(tmp, path)
+            self._prune_checkpoints()
         gdist.barrier()
         return path
 
     def latest_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.checkpoint_root.glob("step-*") if (p / "trainer_state.pt").exists())
-        return done[-1] if done else None
+        """The newest checkpoint whose manifest checks out; newer broken ones are reported and passed over."""
+        for path in checkpoint_folders(self.checkpoint_root):
+            try:
+                verify_manifest(path)
+            except InvalidCheckpoint as exc:
+                self.log(f"warning: skipping checkpoint {path}: {exc}")
+                continue
+            return path
+        return None
 
     def resume(self) -> bool:
         path = self.latest_checkpoint()
@@ -474,7 +651,7 @@ class Trainer:
                 + "\n  ".join(diff)
                 + f"\nUse the original values, or a new output.dir to start a fresh run."
             )
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        state = load_state(path, "trainer_state")  # JSON + safetensors: loading runs no code
         if hasattr(self.learner, "load"):
             saved_world = state["learner"].get("world_size", self.world)
             if saved_world != self.world:
@@ -488,8 +665,8 @@ class Trainer:
         self.control = Control(**state["control"])
         self.sampler.load_state_dict(state["sampler"])
         rng = state["rng"]
-        if (path / f"rng-rank{self.rank}.pt").exists():
-            rng = torch.load(path / f"rng-rank{self.rank}.pt", weights_only=False)
+        if (path / f"rng-rank{self.rank}.json").exists():
+            rng = load_state(path, f"rng-rank{self.rank}")
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
         self.rollout.sync_weights(self.policy, self.policy_version)

@@ -55,6 +55,7 @@ class UpdateStats:
     entropy: float
     grad_norm: float
     learning_rate: float
+    skipped: bool = False  # a non-finite loss or gradient: no optimizer step was taken
 
 
 class FrozenPasses:
@@ -148,7 +149,7 @@ class TorchLearner(FrozenPasses):
         mask = batch.response_mask.float()
         total_tokens, n = max(1.0, float(mask.sum())), float(mask.shape[0])
         sums = [0.0] * 5  # loss, policy_loss, kl, clip_fraction, entropy
-        grad_norm = 0.0
+        grad_norm, skipped = 0.0, False
         for _ in range(algo.epochs_per_batch):
             self.optimizer.zero_grad(set_to_none=True)
             for rows in self._micro_batches(batch):
@@ -157,11 +158,16 @@ class TorchLearner(FrozenPasses):
                 loss.backward()
                 sums = [a + b / algo.epochs_per_batch for a, b in zip(sums, parts)]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), algo.max_grad_norm))
+            if not (math.isfinite(grad_norm) and all(math.isfinite(x) for x in sums)):
+                # AdamW would write the NaN into every weight (and its moments): drop this batch instead
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped = True
+                break
             self.optimizer.step()
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.policy.eval()
-        return UpdateStats(*sums, grad_norm=grad_norm, learning_rate=lr)
+        return UpdateStats(*sums, grad_norm=grad_norm, learning_rate=lr, skipped=skipped)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

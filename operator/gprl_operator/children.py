@@ -411,6 +411,9 @@ def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
     return out
 
 
+STOPPED_EXIT_CODE = 143  # `gprl train --exit-code-on-stop`: stopped by a signal after a checkpoint (128 + SIGTERM)
+
+
 def job(run: dict, spec: RunSpec) -> dict[str, Any]:
     n = names(run)
     replicas = spec.resources.learner_replicas
@@ -427,7 +430,8 @@ def job(run: dict, spec: RunSpec) -> dict[str, Any]:
     container = {
         "name": "trainer",
         "image": spec.resources.image,
-        "command": ["gprl", "train", "--config", f"{CONFIG_DIR}/config.yaml"],
+        "command": ["gprl", "train", "--config", f"{CONFIG_DIR}/config.yaml",
+                    "--exit-code-on-stop", str(STOPPED_EXIT_CODE)],
         "env": _env(run, spec, rank_env),
         "ports": [
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
@@ -436,6 +440,10 @@ def job(run: dict, spec: RunSpec) -> dict[str, Any]:
     }
     pod = _pod_spec(run, spec, container, with_claim=True, account=True)
     pod["restartPolicy"] = "Never"  # the Job replaces a failed pod; the new one resumes from the last checkpoint
+    # SIGTERM (eviction, preemption, suspend) -> the trainer finishes its step, checkpoints it and exits
+    # STOPPED_EXIT_CODE; the grace period must cover that, and the podFailurePolicy below makes the Job replace
+    # such a pod without counting it against backoffLimit (an exit 0 would mark the index complete).
+    pod["terminationGracePeriodSeconds"] = spec.resources.termination_grace_period_seconds
     pod["subdomain"] = n["headless"]
     return {
         "apiVersion": "batch/v1",
@@ -446,6 +454,11 @@ def job(run: dict, spec: RunSpec) -> dict[str, Any]:
             "completions": replicas,
             "parallelism": replicas,
             "backoffLimit": getattr(spec.resources, "backoff_limit", 3),
+            "podFailurePolicy": {"rules": [
+                {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                     "values": [STOPPED_EXIT_CODE]}},
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]},
             "suspend": bool((run.get("spec") or {}).get("suspend", False)),
             "template": {"metadata": {"labels": labels(run, "trainer")}, "spec": pod},
         },

@@ -88,7 +88,7 @@ def test_trainer_two_ranks_kill_one_then_resume(tiny_assets, warm_deepspeed, tmp
     proc = torchrun([str(HERE / "_train_rank.py"), str(cfg)], log=log1, popen=True)
     try:
         deadline = time.time() + 400
-        while not (out / "checkpoints" / "step-00000002" / "trainer_state.pt").exists():
+        while not (out / "checkpoints" / "step-00000002" / "trainer_state.json").exists():
             assert proc.poll() is None, log1.read_text()[-4000:]
             assert time.time() < deadline, log1.read_text()[-4000:]
             time.sleep(0.2)

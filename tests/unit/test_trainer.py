@@ -48,7 +48,7 @@ def test_two_step_run_end_to_end(assets, tmp_path):
         assert set(r["timings"]) >= {"generate", "score", "advantages", "update", "monitor"}
     run = tmp_path / "run"
     assert len((run / "steps.jsonl").read_text().splitlines()) == 2
-    assert (run / "checkpoints" / "step-00000002" / "trainer_state.pt").exists()
+    assert (run / "checkpoints" / "step-00000002" / "trainer_state.json").exists()
     assert (run / "report" / "summary.md").exists() and (run / "report" / "drift.png").stat().st_size > 1000
     ev = [json.loads(l) for l in (run / "evals.jsonl").read_text().splitlines()]
     assert 0.0 <= ev[-1]["gpm_win_rate"] <= 1.0
