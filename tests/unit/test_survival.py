@@ -39,7 +39,7 @@ def _steps(run: Path) -> list[dict]:
 def test_sigterm_checkpoints_the_current_step_exits_0_and_resume_is_exact(tiny_assets, tmp_path):
     from gprl.trainer import Trainer
 
-    steps = 8
+    steps = 4
     cut = tmp_path / "cut"
     spec = spec_for(tiny_assets, cut, **{"algo.steps": steps, "checkpoint.every_steps": 100, "output.report": False})
     cfg = tmp_path / "run.yaml"
