@@ -12,7 +12,10 @@ trainer's log and its step records, never on timing:
   run with drift off, the policy's win rate on that axis over the reference and the world's known exploit (topic
   words repeated past saturation) end lower, and the oracle's verdict higher;
 - faults: the API server restarted during a run (the trainer keeps training with its last control, then catches
-  up); a malformed control block written by hand is refused with an Event and never applied.
+  up); a malformed control block written by hand is refused with an Event and never applied;
+- monitoring: a real Prometheus (tests/cluster/prometheus_lib.py) on loopback scrapes the trainers and the operator
+  with the chart's alert rules loaded (their `for:` holds shortened to 2 s, the expressions as shipped) and, in the
+  world run, fires GPRLSingleAxisExploitationSuspected from the live metrics, labelled with the run's namespace.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from drift_lib import (
 )
 from gprl_k8s_testlib import OPERATOR_NS, OPERATOR_SA, OperatorProcess, create_run, find_tool, get_run, \
     install_chart, wait_for
+from prometheus_lib import PrometheusServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -66,11 +70,23 @@ def drift_operator(control_plane, tmp_path_factory):
     assert not forbidden, "the operator hit RBAC denials:\n" + "\n".join(forbidden[:20])
 
 
-def start_run(cp, namespace, name, spec, workdir, env=None):
+@pytest.fixture(scope="module")
+def prometheus(drift_operator, tmp_path_factory):
+    """Prometheus scraping the operator (as its ServiceMonitor would: honor_labels, the operator's namespace as the
+    target label) and every trainer started by start_run (as the PodMonitor would)."""
+    prom = PrometheusServer(tmp_path_factory.mktemp("prometheus"))
+    prom.start(f"127.0.0.1:{drift_operator.metrics_port}", OPERATOR_NS)
+    yield prom
+    prom.stop()
+
+
+def start_run(cp, namespace, name, spec, workdir, env=None, prom=None):
     status, body = create_run(cp, namespace, name, spec)
     assert status == 201, body
     history = StatusHistory(cp, namespace, name).start()
     trainer = PodTrainer(cp, namespace, name, workdir, extra_env=env).start()
+    if prom is not None:
+        prom.add_run_target(f"127.0.0.1:{trainer.metrics_port}", namespace, f"{name}-0-abcde")
     return trainer, history
 
 
@@ -104,9 +120,13 @@ def check_applied(trainer, history, records):
 
 
 def test_operator_detects_drift_reweights_and_tightens_and_the_trainer_applies_it(
-        control_plane, drift_operator, namespace, assets, tmp_path):
+        control_plane, drift_operator, prometheus, namespace, assets, tmp_path):
     cp, name = control_plane, "drift-on"
-    trainer, history = start_run(cp, namespace, name, run_spec(assets, "operator", STEPS), tmp_path / "on")
+    trainer, history = start_run(cp, namespace, name, run_spec(assets, "operator", STEPS), tmp_path / "on",
+                                 prom=prometheus)
+    # both sides are scraped while the run goes on (the trainer's endpoint lives as long as its process)
+    wait_for(lambda: prometheus.up() == {"gprl-operator": 1.0, "gprl-runs": 1.0}, 60,
+             what=f"Prometheus scraping the operator and the trainer:\n{prometheus.log_tail()}")
     records = finish(trainer, history, cp, namespace, name, STEPS)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
 
@@ -282,13 +302,13 @@ def world_spec(mode: str) -> dict:
     }
 
 
-def test_world_exploited_axis_stays_bounded_under_the_operator(control_plane, drift_operator, namespace, world_cache,
-                                                               tmp_path):
+def test_world_exploited_axis_stays_bounded_under_the_operator(control_plane, drift_operator, prometheus, namespace,
+                                                               world_cache, tmp_path):
     cp = control_plane
     env = {"GPRL_CACHE": str(world_cache)}
     runs = {}
     for name, mode in (("world-operator", "operator"), ("world-off", "off")):
-        runs[name] = start_run(cp, namespace, name, world_spec(mode), tmp_path / name, env=env)
+        runs[name] = start_run(cp, namespace, name, world_spec(mode), tmp_path / name, env=env, prom=prometheus)
     records = {}
     for name, (trainer, history) in runs.items():
         if name == "world-operator":
@@ -309,6 +329,13 @@ def test_world_exploited_axis_stays_bounded_under_the_operator(control_plane, dr
     assert any(c["weights"][axis] < 1.0 and c["kl_coef"] > 0.02 for c in applied)
     assert not any(e["reason"] == "DriftDetected" for e in events(cp, namespace, "world-off"))
     assert all(r["applied_control"]["weights"] == [1.0, 1.0, 1.0] for r in records["world-off"])
+
+    # a live Prometheus, with the chart's rules, saw the exploitation alert fire for this run, and the alert carries
+    # the run's namespace (the operator's series with honor_labels), never the operator's own
+    fired = prometheus.fired("GPRLSingleAxisExploitationSuspected")
+    assert {"namespace": namespace, "run": "world-operator"} in [
+        {k: f.get(k) for k in ("namespace", "run")} for f in fired], (fired, prometheus.log_tail())
+    assert not [f for f in prometheus.seen if f["labels"].get("namespace") == OPERATOR_NS], prometheus.seen[:5]
 
     # the exploited axis stayed bounded: the final evaluation (same held-out prompts and seeds for both runs)
     final = {name: json.loads((tmp_path / name / "out" / "evals.jsonl").read_text().splitlines()[-1])
