@@ -72,6 +72,18 @@ RUN_FILES = ("steps.jsonl", "evals.jsonl", "samples.jsonl", "config.yaml", "repo
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def finite_only(rec: dict) -> dict:
+    """The record without its non-finite numbers (a list with one is dropped whole)."""
+    def ok(v) -> bool:
+        if isinstance(v, float):
+            return math.isfinite(v)
+        if isinstance(v, list):
+            return all(ok(x) for x in v)
+        return True
+
+    return {k: v for k, v in rec.items() if ok(v)}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -198,6 +210,7 @@ class Trainer:
         self.policy_version = 0
         self.samples: list[dict] = []  # this step's rows for samples.jsonl (sample steps only)
         self.stop_signal: str | None = None  # name of the signal that asked the run to stop
+        self._grace_warned = False
         self.metrics = TrainerMetrics(run=os.environ.get("GPRL_RUN_NAME", self.out.name))
         if spec.output.metrics_port and self.rank == 0:
             self.metrics.serve(spec.output.metrics_port)
@@ -501,7 +514,7 @@ class Trainer:
                             sf.writelines(json.dumps(r) + "\n" for r in self.samples)
                         self.trackers.log_samples(rec["step"], self.samples)
                     if self.channel is not None:
-                        self.channel.report(rec)
+                        self.channel.report(finite_only(rec))  # NaN is not JSON: the status patch would fail
                 records.append(rec)
                 if bar is not None:
                     bar.update(1)
@@ -511,13 +524,15 @@ class Trainer:
                     )
                 every = spec.output.eval_every
                 if (every and self.step % every == 0) or self.step == spec.algo.steps:
-                    rec = self.evaluate()  # same prompts and seeds on every rank: safe under ZeRO-3
+                    ev = self.evaluate()  # same prompts and seeds on every rank: safe under ZeRO-3
                     if lead:
-                        self._append(self.out / "evals.jsonl", rec)
-                        self.trackers.log_metrics(rec["step"], rec, prefix="eval")
+                        self._append(self.out / "evals.jsonl", ev)
+                        self.trackers.log_metrics(ev["step"], ev, prefix="eval")
                 stop = self._stop_requested()
                 if stop or self.step % spec.checkpoint.every_steps == 0 or self.step == spec.algo.steps:
+                    t_save = time.perf_counter()
                     self.save_checkpoint()
+                    self._check_grace_period(rec["step_seconds"], time.perf_counter() - t_save)
                 if stop and self.step < spec.algo.steps:
                     self.log(f"stopped by {self.stop_signal or 'a signal on another rank'} after step {self.step}; "
                              f"checkpoint {self.checkpoint_root / f'step-{self.step:08d}'} written. "
@@ -530,6 +545,17 @@ class Trainer:
 
             write_report(self.out)
         return records
+
+    def _check_grace_period(self, step_seconds: float, save_seconds: float) -> None:
+        """Under the operator, warn once when a step plus a checkpoint would not fit in the pod's grace period:
+        a SIGTERM would then kill the trainer before its checkpoint is written."""
+        grace = self.spec.resources.termination_grace_period_seconds
+        need = step_seconds + save_seconds
+        if os.environ.get("GPRL_RUN_NAME") and self.rank == 0 and need > 0.8 * grace and not self._grace_warned:
+            self._grace_warned = True
+            self.log(f"warning: a step plus a checkpoint take {need:.0f} s, close to or above "
+                     f"resources.terminationGracePeriodSeconds ({grace} s): after a SIGTERM the pod may be killed "
+                     "before its checkpoint is written; raise the grace period")
 
     def _keep_samples(self, batch, scores, adv, bad_rows) -> None:
         """On sample steps, the first output.samples_groups groups as rows for samples.jsonl and the trackers."""

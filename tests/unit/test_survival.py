@@ -273,3 +273,33 @@ def test_operator_gives_the_trainer_a_grace_period_and_ignores_a_clean_stop():
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In",
                                                 "values": [STOPPED_EXIT_CODE]}} in rules
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_grace_period_warning(tiny_assets, tmp_path,
+                                                                                     monkeypatch):
+    from gprl.trainer import Trainer, finite_only
+
+    lines: list[str] = []
+    run = tmp_path / "run"
+    t = Trainer(spec_for(tiny_assets, run, **{"algo.steps": 3, "checkpoint.every_steps": 100}), log=lines.append)
+    step = t.train_step
+
+    def step_then_ctrl_c():
+        rec = step()
+        os.kill(os.getpid(), signal.SIGINT)  # arrives mid-loop, as a Ctrl-C would
+        return rec
+
+    t.train_step = step_then_ctrl_c
+    before = signal.getsignal(signal.SIGINT)
+    records = t.train()
+    assert [r["step"] for r in records] == [1] and t.stop_signal == "SIGINT"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000001"]
+    assert not (run / "report").exists()  # the report waits for the end of the run
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
+
+    monkeypatch.setenv("GPRL_RUN_NAME", "r")
+    t._check_grace_period(step_seconds=400.0, save_seconds=100.0)  # 500 s > 0.8 x 600 s
+    t._check_grace_period(step_seconds=400.0, save_seconds=100.0)
+    assert sum("resources.terminationGracePeriodSeconds (600 s)" in line for line in lines) == 1
+    assert finite_only({"loss": float("nan"), "axis_variance": [1.0, float("inf")], "step": 2, "kl": 0.1}) == \
+        {"step": 2, "kl": 0.1}
