@@ -72,6 +72,11 @@ def verify_manifest(folder: Path) -> None:
         manifest = json.loads((folder / MANIFEST).read_text())
         entries = manifest["files"]
     except FileNotFoundError:
+        if (folder / "trainer_state.pt").exists():
+            raise InvalidCheckpoint(
+                "written by an earlier version, with a pickled trainer state; it is not loaded (unpickling can run "
+                "code): resume it with the version that wrote it, or start a new output.dir"
+            ) from None
         raise InvalidCheckpoint("no manifest.json (written last: the writer did not finish)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidCheckpoint(f"unreadable manifest.json ({exc})") from None

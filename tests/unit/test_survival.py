@@ -303,3 +303,19 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_the_grace_period_warn
     assert sum("resources.terminationGracePeriodSeconds (600 s)" in line for line in lines) == 1
     assert finite_only({"loss": float("nan"), "axis_variance": [1.0, float("inf")], "step": 2, "kl": 0.1}) == \
         {"step": 2, "kl": 0.1}
+
+
+def test_a_pickled_checkpoint_of_an_earlier_version_is_never_unpickled(tmp_path):
+    from gprl.checkpoint import InvalidCheckpoint, verify_manifest
+
+    old = tmp_path / "step-00000001"
+    old.mkdir()
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Boom()}, old / "trainer_state.pt")
+    with pytest.raises(InvalidCheckpoint, match="earlier version, with a pickled trainer state"):
+        verify_manifest(old)
+    assert not (tmp_path / "pwned").exists()
