@@ -88,11 +88,11 @@ class SimJob(threading.Thread):
             new = ch.poll()
             if new is not None:
                 control = new
-                ack = ch.last_applied or {}
-                if ack.get("controlReportedAt") and ack.get("controlStatisticsAt"):
-                    applied = parse_rfc3339(ack["controlAppliedAt"])
-                    self.latencies.append(applied - parse_rfc3339(ack["controlStatisticsAt"]))
-                    self.fresh.append(applied - parse_rfc3339(ack["controlReportedAt"]))
+                ack = (ch.last_applied or {}).get("controlAck") or {}
+                if ack.get("reportedAt") and ack.get("statisticsAt"):
+                    applied = parse_rfc3339(ack["appliedAt"])
+                    self.latencies.append(applied - parse_rfc3339(ack["statisticsAt"]))
+                    self.fresh.append(applied - parse_rfc3339(ack["reportedAt"]))
             step += 1
             w0 = control.weights[0]
             var = [1.0 + 0.03 * step * w0 * (1.0 + 0.1 * (step % 3)), 1.0, 1.0 + 0.05 * (step % 2)]

@@ -6,23 +6,32 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import yaml
 
 from gprl.config import ConfigError, RunSpec, add_config_flags, apply_config_flags, dump_config, parse_config
 
 
-def _load_raw(path: str | None) -> dict:
+def _read_yaml(path: str | None) -> Any:
     if not path:
         return {}
     try:
         with open(path) as fh:
-            raw = yaml.safe_load(fh) or {}
+            return yaml.safe_load(fh) or {}
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc.strerror}"], path) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], path) from None
-    if isinstance(raw, dict) and raw.get("kind") == "GPRLRun":
+
+
+def _is_manifest(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("kind") == "GPRLRun"
+
+
+def _load_raw(path: str | None) -> dict:
+    raw = _read_yaml(path)
+    if _is_manifest(raw):
         raw = {k: v for k, v in (raw.get("spec") or {}).items() if k != "suspend"}
     return raw
 
@@ -46,7 +55,15 @@ def cmd_config(args) -> int:
     if args.schema:
         print(json.dumps(RunSpec.model_json_schema(by_alias=True), indent=2))
     else:
-        spec = parse_config(apply_config_flags(_load_raw(args.config), args), args.config)
+        doc = _read_yaml(args.config)
+        if _is_manifest(doc):
+            # a GPRLRun manifest gets the API server's verdict: camelCase only, plus the cluster's rules
+            from gprl.api.manifest import parse_manifest
+
+            doc = {**doc, "spec": apply_config_flags(doc.get("spec") or {}, args, camel=True)}
+            spec = parse_manifest(doc, args.config)
+        else:
+            spec = parse_config(apply_config_flags(doc, args), args.config)
         sys.stdout.write(dump_config(spec))
     return 0
 

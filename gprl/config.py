@@ -12,11 +12,20 @@ import argparse
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
+
+from gprl.api.marks import IMMUTABLE, RESTART, resume_fields
+from gprl.api.quantity import (
+    DNS_SUBDOMAIN,
+    LABEL_KEY,
+    LABEL_VALUE,
+    check_label_key,
+    parse_quantity,
+)
 
 __all__ = [
     "ConfigError",
@@ -38,12 +47,67 @@ class ConfigError(ValueError):
 
 
 class _Spec(BaseModel):
+    # strict: no booleans as counts, no "8" as a number; allow_inf_nan: every number is finite (JSON, and so the
+    # API server, has no NaN or infinity: both sides refuse them).
     model_config = ConfigDict(
         alias_generator=to_camel,
         populate_by_name=True,
         extra="forbid",
         validate_assignment=True,
+        strict=True,
+        allow_inf_nan=False,
     )
+
+
+def _quantity(minimum: str, what: str):
+    """A Kubernetes quantity (`4`, `500m`, `16Gi`), given as a YAML number or string, of at least `minimum`."""
+
+    def check(value: Union[int, str]) -> str:
+        text = str(value)
+        amount = parse_quantity(text)
+        if amount is None:
+            raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. {what})")
+        if amount < parse_quantity(minimum):
+            raise ValueError(f"{text!r} is below the least usable amount, {minimum}")
+        return text
+
+    schema = {
+        "x-kubernetes-int-or-string": True,
+        "x-kubernetes-validations": [
+            {"rule": "isQuantity(string(self))", "message": f"must be a Kubernetes quantity (e.g. {what})"},
+            {"rule": f"!isQuantity(string(self)) || quantity(string(self)).compareTo(quantity('{minimum}')) >= 0",
+             "message": f"must be at least {minimum}"},
+        ],
+    }
+    return Annotated[Union[int, str], AfterValidator(check), WithJsonSchema(schema)]
+
+
+# Bounded strings: a bounded input is cheap to validate, here and in the API server's CEL cost estimates.
+Text = Annotated[str, Field(max_length=4096)]
+Url = Annotated[str, Field(min_length=1, max_length=2048)]
+ModuleName = Annotated[str, Field(min_length=1, max_length=256)]
+
+# names of Kubernetes objects the run refers to (Secrets, claims, StorageClasses): DNS-1123 subdomains
+K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+
+
+def _label_keys(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > 64:
+        raise ValueError(f"at most 64 labels, got {len(value)}")
+    for key in value:
+        check_label_key(key)
+    return value
+
+
+NodeSelector = Annotated[
+    dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]],
+    AfterValidator(_label_keys),
+    Field(json_schema_extra={"maxProperties": 64, "x-kubernetes-validations": [{
+        "rule": f"self.all(k, k.matches(r'{LABEL_KEY}'))",
+        "message": "keys must be label keys: [prefix/]name, name at most 63 characters of [A-Za-z0-9-_.], "
+                   "prefix a DNS subdomain",
+    }]}),
+]
 
 
 # --------------------------------------------------------------------------------------
@@ -55,21 +119,22 @@ class LoraSpec(_Spec):
     r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (effective scale alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
+    target_modules: list[ModuleName] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         min_length=1,
+        max_length=64,
         description="Names of the linear modules that get adapters.",
     )
 
 
 class ModelSpec(_Spec):
-    policy: str = Field(
+    policy: Text = Field(
         "world:policy",
         min_length=1,
         description="Policy to train: a local Hugging Face model folder, or `world:policy` for the synthetic "
         "world's SFT policy (built locally on first use).",
     )
-    reference: Optional[str] = Field(
+    reference: Optional[Text] = Field(
         None,
         description="Frozen reference policy for the KL term; defaults to the initial policy.",
     )
@@ -83,17 +148,20 @@ class ModelSpec(_Spec):
 
 
 class DataSpec(_Spec):
-    prompts: str = Field(
+    prompts: Text = Field(
         "world:prompts",
         min_length=1,
         description="Prompt source: a JSONL file (one object per line with `prompt` text or chat `messages`), "
         "`hf:<name or path>` for a `datasets` dataset, or `world:prompts` for the synthetic world.",
+        json_schema_extra=IMMUTABLE,
     )
-    split: str = Field("train", description="Dataset split, for `hf:` sources.")
-    prompt_field: str = Field("prompt", description="Field holding the prompt text.")
-    messages_field: str = Field("messages", description="Field holding chat messages (used when present).")
+    split: Text = Field("train", description="Dataset split, for `hf:` sources.", json_schema_extra=IMMUTABLE)
+    prompt_field: Text = Field("prompt", description="Field holding the prompt text.", json_schema_extra=IMMUTABLE)
+    messages_field: Text = Field("messages", description="Field holding chat messages (used when present).",
+                                json_schema_extra=IMMUTABLE)
     max_prompt_tokens: int = Field(256, ge=1, le=131072, description="Prompts are left-truncated to this length.")
-    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded; resume keeps the order).")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded; resume keeps the order).",
+                          json_schema_extra=IMMUTABLE)
 
 
 # --------------------------------------------------------------------------------------
@@ -101,18 +169,20 @@ class DataSpec(_Spec):
 
 
 class GPMSpec(_Spec):
-    path: str = Field(
+    path: Text = Field(
         "world:gpm",
         min_length=1,
         description="Trained GPM folder (`save_pretrained` layout or the GPM authors' layout), or `world:gpm` / "
         "`world:bt` for the synthetic world's preference models.",
+        json_schema_extra=IMMUTABLE,
     )
     axes: int = Field(
-        3, ge=1, le=64, description="k, the number of skew-symmetric 2-D axes (embedding size 2k). k = 1 is Bradley-Terry."
+        3, ge=1, le=64, description="k, the number of skew-symmetric 2-D axes (embedding size 2k). k = 1 is Bradley-Terry.",
+        json_schema_extra=IMMUTABLE,
     )
     beta: float = Field(0.1, gt=0, description="Temperature β of P(y_i ≻ y_j) = σ(s / β).")
     batch_size: int = Field(32, ge=1, le=4096, description="Responses per GPM forward pass when scoring.")
-    server_url: Optional[str] = Field(
+    server_url: Optional[Text] = Field(
         None, description="URL of a `gprl serve-gpm` scoring server; score in-process when unset."
     )
 
@@ -122,12 +192,13 @@ class GPMSpec(_Spec):
 
 
 class AlgoSpec(_Spec):
-    group_size: int = Field(8, ge=2, le=1024, description="G, responses sampled per prompt.")
-    prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts per training step (batch = prompts × G).")
-    steps: int = Field(100, ge=1, description="Training steps (one rollout batch each).")
+    group_size: int = Field(8, ge=2, le=1024, description="G, responses sampled per prompt.", json_schema_extra=IMMUTABLE)
+    prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts per training step (batch = prompts × G).",
+                                  json_schema_extra=IMMUTABLE)
+    steps: int = Field(100, ge=1, le=100_000_000, description="Training steps (one rollout batch each).")
     epochs_per_batch: int = Field(1, ge=1, le=64, description="Optimizer passes over each rollout batch.")
     micro_batch_size: int = Field(
-        64, ge=1, description="Responses per forward/backward; gradients are accumulated over the batch."
+        64, ge=1, le=1_048_576, description="Responses per forward/backward; gradients are accumulated over the batch."
     )
     learning_rate: float = Field(1e-5, gt=0, lt=1, description="Peak learning rate of AdamW.")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="Learning-rate decay.")
@@ -145,6 +216,7 @@ class AlgoSpec(_Spec):
         "per_axis",
         description="per_axis: each axis normalised on its own scale (GPRL); global: one scale shared by all axes "
         "(ablation); scalar: aggregate raw scores first, then normalise once (GRPO with a preference model).",
+        json_schema_extra=IMMUTABLE,
     )
     std_eps: float = Field(1e-6, gt=0, description="ε added to the group std in normalisation.")
 
@@ -174,7 +246,7 @@ class DriftSpec(_Spec):
     eps_min: float = Field(0.05, gt=0, lt=1, description="Smallest ε the monitor may set.")
     tighten_eps: bool = Field(True, description="Also shrink ε_low/ε_high while triggered.")
     relax_time: float = Field(10.0, gt=0, description="Time constant T (steps) of the decay back to baseline.")
-    warmup_steps: int = Field(5, ge=1, description="Steps averaged into the baseline spectrum α(0).")
+    warmup_steps: int = Field(5, ge=1, le=1_000_000, description="Steps averaged into the baseline spectrum α(0).")
     ema: float = Field(0.3, gt=0, le=1, description="EMA factor of the spectrum (1 = no smoothing).")
     lead_tau: float = Field(
         0.06, ge=0, lt=0.5,
@@ -182,23 +254,17 @@ class DriftSpec(_Spec):
                     "rates against reference samples (the probe); 0 turns this signal off.",
     )
     probe_every: int = Field(
-        5, ge=0, description="Steps between win-rate probes (policy samples against cached reference samples, scored "
+        5, ge=0, le=100_000_000, description="Steps between win-rate probes (policy samples against cached reference samples, scored "
                              "per axis by the GPM); 0 = no probe.",
     )
-    probe_prompts: int = Field(32, ge=1, description="Prompts of a probe (the held-out prompts when the data has them).")
-    probe_samples: int = Field(2, ge=1, description="Samples per prompt of a probe, from the policy and the reference.")
+    probe_prompts: int = Field(32, ge=1, le=65536, description="Prompts of a probe (the held-out prompts when the data has them).")
+    probe_samples: int = Field(2, ge=1, le=64, description="Samples per prompt of a probe, from the policy and the reference.")
     pinned_weights: Optional[list[float]] = Field(
-        None, description="Axis weights fixed by hand (length k, mean 1 after renormalisation); the monitor keeps them."
+        None, max_length=64, description="Axis weights fixed by hand (length k, mean 1 after renormalisation); the monitor keeps them."
     )
     report_interval_seconds: float = Field(
         5.0, gt=0, description="Operator mode: least time between statistics reports to the GPRLRun status."
     )
-
-    @field_validator("mode", mode="before")
-    @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare `off` as false; take it as the user meant it.
-        return "off" if value is False else value
 
     @model_validator(mode="after")
     def _pins_positive(self) -> "DriftSpec":
@@ -216,15 +282,15 @@ class RolloutSpec(_Spec):
     max_new_tokens: int = Field(32, ge=1, le=131072, description="Completion length limit.")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
-    server_urls: list[str] = Field(
-        default_factory=list, description="`gprl serve-rollout` servers to use; generate in-process when empty."
+    top_k: int = Field(0, ge=0, le=1_000_000, description="Top-k sampling (0 = off).")
+    server_urls: list[Url] = Field(
+        default_factory=list, max_length=256, description="`gprl serve-rollout` servers to use; generate in-process when empty."
     )
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM: share of GPU memory for the engine.")
 
 
 class LearnerSpec(_Spec):
-    backend: Literal["torch", "deepspeed"] = Field("torch", description="Update backend.")
+    backend: Literal["torch", "deepspeed"] = Field("torch", description="Update backend.", json_schema_extra=IMMUTABLE)
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="DeepSpeed: keep optimizer state on the CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
@@ -235,20 +301,23 @@ class LearnerSpec(_Spec):
 
 
 class CheckpointSpec(_Spec):
-    every_steps: int = Field(25, ge=1, description="Write a checkpoint every this many steps (and at the end).")
-    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk; older ones are deleted.")
+    every_steps: int = Field(25, ge=1, le=100_000_000, description="Write a checkpoint every this many steps (and at the end).")
+    keep_last: int = Field(2, ge=1, le=10_000, description="Checkpoints kept on disk; older ones are deleted.")
     resume: bool = Field(True, description="Resume from the newest checkpoint in the output folder when one exists.")
 
 
 class OutputSpec(_Spec):
-    dir: str = Field("runs/gprl", min_length=1, description="Run folder: checkpoints, step log, report.")
-    metrics_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics on this port (0 = off).")
+    dir: str = Field("runs/gprl", min_length=1, max_length=4096, description="Run folder: checkpoints, step log, "
+                     "report. On Kubernetes: relative to /workspace, or an absolute path under it.",
+                     json_schema_extra=IMMUTABLE)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics on this port (0 = off; on "
+                              "Kubernetes 0 means 9400).", json_schema_extra=IMMUTABLE)
     progress: bool = Field(True, description="Show a progress bar.")
     report: bool = Field(True, description="Write plots and a markdown summary at the end.")
     eval_every: int = Field(
-        0, ge=0, description="Every this many steps, win rate against the reference policy on held-out prompts (0 = at the end only)."
+        0, ge=0, le=100_000_000, description="Every this many steps, win rate against the reference policy on held-out prompts (0 = at the end only)."
     )
-    eval_prompts: int = Field(64, ge=1, description="Held-out prompts per evaluation.")
+    eval_prompts: int = Field(64, ge=1, le=1_000_000, description="Held-out prompts per evaluation.")
     eval_samples: int = Field(2, ge=1, le=64, description="Sampled responses per prompt and policy in an evaluation.")
     overwrite: bool = Field(
         False,
@@ -276,29 +345,31 @@ class ResourcesSpec(_Spec):
     topology: Literal["colocated", "disaggregated"] = Field(
         "colocated", description="One Job doing everything per pod, or rollout / GPM servers plus a learner Job."
     )
-    image: str = Field("ghcr.io/gprl/trainer:0.1.0", min_length=1, description="Trainer container image.")
+    image: str = Field("ghcr.io/gprl/trainer:0.1.0", min_length=1, max_length=1024, pattern=r"^[^\s]+$",
+                       description="Trainer container image.")
     learner_replicas: int = Field(1, ge=1, le=1024, description="Learner pods (DeepSpeed ranks across nodes).")
-    rollout_replicas: int = Field(1, ge=1, le=256, description="Disaggregated: rollout server replicas.")
-    gpm_replicas: int = Field(1, ge=1, le=256, description="Disaggregated: GPM scoring server replicas.")
+    rollout_replicas: int = Field(1, ge=1, le=256, description="Disaggregated: rollout server replicas.",
+                                  json_schema_extra=RESTART)
+    gpm_replicas: int = Field(1, ge=1, le=256, description="Disaggregated: GPM scoring server replicas.",
+                              json_schema_extra=RESTART)
     gpus: int = Field(1, ge=0, le=16, description="nvidia.com/gpu per pod.")
-    cpu: str = Field("4", pattern=r"^[0-9]+(\.[0-9]+)?m?$", description="CPU request per pod (Kubernetes quantity).")
-    memory: str = Field(
-        "16Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", description="Memory request per pod."
-    )
-    checkpoint_claim: Optional[str] = Field(
+    cpu: _quantity("1m", "4, 500m") = Field("4", description="CPU request per pod (Kubernetes quantity).")
+    memory: _quantity("1Mi", "16Gi") = Field("16Gi", description="Memory request per pod (Kubernetes quantity).")
+    checkpoint_claim: Optional[K8sName] = Field(
         None, description="Existing PersistentVolumeClaim for checkpoints; one is created for the run when unset."
     )
-    checkpoint_size: str = Field("50Gi", pattern=r"^[0-9]+(Ki|Mi|Gi|Ti)$", description="Size of a created checkpoint claim.")
-    storage_class: Optional[str] = Field(None, description="StorageClass of a created checkpoint claim.")
-    env_from_secrets: list[str] = Field(
-        default_factory=list, description="Secrets (e.g. a model-hub token) exposed to the pods as environment."
+    checkpoint_size: _quantity("1Mi", "50Gi") = Field("50Gi", description="Size of a created checkpoint claim.")
+    storage_class: Optional[K8sName] = Field(None, description="StorageClass of a created checkpoint claim.")
+    env_from_secrets: list[K8sName] = Field(
+        default_factory=list, max_length=64,
+        description="Secrets (e.g. a model-hub token) exposed to the pods as environment.",
     )
     backoff_limit: int = Field(
-        3, ge=0, le=1000,
+        3, ge=0, le=1000, json_schema_extra=RESTART,
         description="Pod failures the run's Job tolerates before the run fails; each replacement pod resumes from "
         "the newest checkpoint.",
     )
-    node_selector: dict[str, str] = Field(
+    node_selector: NodeSelector = Field(
         default_factory=dict, description="Node labels the pods must match (e.g. a GPU product)."
     )
     termination_grace_period_seconds: int = Field(
@@ -315,17 +386,26 @@ class ResourcesSpec(_Spec):
 class RunSpec(_Spec):
     """Everything a GPRL run needs."""
 
-    seed: int = Field(0, ge=0, description="Seed of data order, sampling and initialisation.")
-    model: ModelSpec = Field(default_factory=ModelSpec, description="Policy and reference models.")
-    data: DataSpec = Field(default_factory=DataSpec, description="Prompt data.")
-    gpm: GPMSpec = Field(default_factory=GPMSpec, description="The General Preference Model that scores responses.")
-    algo: AlgoSpec = Field(default_factory=AlgoSpec, description="Advantages and policy update.")
-    drift: DriftSpec = Field(default_factory=DriftSpec, description="The closed-loop drift monitor.")
-    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Generation.")
-    learner: LearnerSpec = Field(default_factory=LearnerSpec, description="Optimisation backend.")
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.")
-    output: OutputSpec = Field(default_factory=OutputSpec, description="Outputs of a run.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Kubernetes resources (operator only).")
+    # Change marks (gprl.api.marks): a section's mark holds for each of its fields that has none of its own.
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of data order, sampling and initialisation.",
+                      json_schema_extra=IMMUTABLE)
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Policy and reference models.",
+                             json_schema_extra=IMMUTABLE)
+    data: DataSpec = Field(default_factory=DataSpec, description="Prompt data.", json_schema_extra=RESTART)
+    gpm: GPMSpec = Field(default_factory=GPMSpec, description="The General Preference Model that scores responses.",
+                         json_schema_extra=RESTART)
+    algo: AlgoSpec = Field(default_factory=AlgoSpec, description="Advantages and policy update.",
+                           json_schema_extra=RESTART)
+    drift: DriftSpec = Field(default_factory=DriftSpec, description="The closed-loop drift monitor.",
+                             json_schema_extra=RESTART)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Generation.", json_schema_extra=RESTART)
+    learner: LearnerSpec = Field(default_factory=LearnerSpec, description="Optimisation backend.",
+                                 json_schema_extra=RESTART)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpointing and resume.",
+                                       json_schema_extra=RESTART)
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Outputs of a run.", json_schema_extra=RESTART)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Kubernetes resources (operator only).",
+                                     json_schema_extra=IMMUTABLE)
 
     @model_validator(mode="after")
     def _cross(self) -> "RunSpec":
@@ -341,8 +421,10 @@ class RunSpec(_Spec):
     def to_dict(self, camel: bool = True) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=camel)
 
-    def changed_fields(self, other: "RunSpec", fields: tuple[str, ...]) -> list[str]:
-        """Dotted paths among `fields` whose values differ between self and other."""
+    def changed_fields(self, other: "RunSpec", fields: tuple[str, ...] | None = None) -> list[str]:
+        """Dotted paths among `fields` (default: the resume check's, from the change marks) whose values differ
+        between self and other, as `path: other -> self`."""
+        fields = resume_fields(RunSpec) if fields is None else fields
         a, b = self.to_dict(camel=False), other.to_dict(camel=False)
         out = []
         for path in fields:
@@ -387,6 +469,10 @@ def _fix_hint(err: dict) -> str:
     if kind == "extra_forbidden":
         return "unknown field; remove it or check its spelling (see `gprl config --schema`)"
     if kind == "literal_error":
+        if isinstance(err.get("input"), bool):
+            # YAML 1.1 (PyYAML, kubectl) reads a bare off/on/yes/no as a boolean
+            return (f"must be one of {ctx.get('expected')}; a bare `off`/`on`/`yes`/`no` is a boolean in YAML: "
+                    "quote it (mode: \"off\")")
         return f"must be one of {ctx.get('expected')}"
     if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         op = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}[kind]
@@ -430,7 +516,9 @@ def load_config(path: str | os.PathLike) -> RunSpec:
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], str(path)) from None
     if isinstance(raw, dict) and raw.get("kind") == "GPRLRun":
-        raw = {k: v for k, v in (raw.get("spec") or {}).items() if k not in ("suspend",)}
+        from gprl.api.manifest import parse_manifest  # the API server's verdict on a manifest
+
+        return parse_manifest(raw, str(path))
     return parse_config(raw, str(path))
 
 
@@ -469,8 +557,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def apply_config_flags(raw: dict, args: argparse.Namespace) -> dict:
-    """Merge the flags given on the command line into a raw config mapping (values parsed as YAML scalars)."""
+def apply_config_flags(raw: dict, args: argparse.Namespace, camel: bool = False) -> dict:
+    """Merge the flags given on the command line into a raw config mapping (values parsed as YAML scalars);
+    `camel`: write the keys camelCase (a manifest's spec), else snake_case."""
     raw = dict(raw or {})
     for key, value in vars(args).items():
         if not key.startswith("cfg:"):
@@ -481,11 +570,16 @@ def apply_config_flags(raw: dict, args: argparse.Namespace) -> dict:
             cur = node.get(part, node.get(to_camel(part)))
             cur = dict(cur) if isinstance(cur, dict) else {}
             node.pop(to_camel(part), None)
-            node[part] = cur
+            node.pop(part, None)
+            node[to_camel(part) if camel else part] = cur
             node = cur
         node.pop(to_camel(parts[-1]), None)
+        node.pop(parts[-1], None)
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
         except yaml.YAMLError:
-            node[parts[-1]] = value
+            parsed = value
+        if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+            parsed = value  # `--drift.mode off` means the word; YAML 1.1 would read a boolean
+        node[to_camel(parts[-1]) if camel else parts[-1]] = parsed
     return raw

@@ -2,12 +2,15 @@
 
 Never edit `crds/gprlrun.yaml` (or its copy in the Helm chart) by hand: run
 
-    python -m gprl.crd --write          # crds/gprlrun.yaml, charts/gprl/crds/gprlrun.yaml, docs/crd-reference.md
+    python -m gprl.crd --write          # crds/gprlrun.yaml, charts/gprl/crds/gprlrun.yaml, docs/crd-reference.md,
+                                        # charts/gprl/templates/trainer-status-policy.yaml
     python -m gprl.crd                  # the CRD YAML on stdout
     python -m gprl.crd --markdown       # the reference page on stdout
 
 A test fails when the committed files differ from what this module generates.
-No Kubernetes import here: the CRD is plain data.
+No Kubernetes import here: the CRD is plain data. Its sources, all in `gprl.api` and `gprl.config`: the run
+config's fields and their change marks (-> schema, transition rules, the resume check), the cluster rules of a
+manifest (`gprl.api.manifest.RULES`), the typed status and who writes each of its fields (`gprl.api.status`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import Any
 
 import yaml
 
+from gprl.api.manifest import RULES
+from gprl.api.marks import CHANGE_KEY, Change, leaf_changes
+from gprl.api.status import WRITER_KEY, RunStatus, operator_fields, trainer_fields
 from gprl.config import RunSpec
 
 __all__ = [
@@ -28,9 +34,9 @@ __all__ = [
     "KIND",
     "PLURAL",
     "SHORT_NAME",
-    "IMMUTABLE_FIELDS",
-    "MUTABLE_SECTIONS",
+    "TRAINER_SUFFIX",
     "build_crd",
+    "trainer_status_policy",
     "spec_schema",
     "status_schema",
     "render_yaml",
@@ -46,13 +52,9 @@ SINGULAR = "gprlrun"
 SHORT_NAME = "gr"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 
-# Spec paths that cannot change once a run exists (the Job's pod template and the run's identity depend on them).
-IMMUTABLE_FIELDS = ("model", "data", "gpm", "resources", "output.dir")
-# Sections whose changes the operator propagates into the running job's ConfigMap.
-MUTABLE_SECTIONS = ("seed", "algo", "drift", "rollout", "learner", "checkpoint", "output")
-
-# Longest run name: it prefixes Job, Service and pod names (a pod hostname `<run>-<index>` must stay a DNS label).
-MAX_NAME = 47
+# The run's ServiceAccount is `<run>-trainer` (gprl_operator.children.names); the status policy keys on it.
+TRAINER_SUFFIX = "-trainer"
+POLICY_NAME = "gprl-trainer-status"
 
 _DROP = {"title"}
 _KEEP = {
@@ -67,6 +69,7 @@ _KEEP = {
     "maxLength",
     "minItems",
     "maxItems",
+    "maxProperties",
     "pattern",
     "enum",
     "items",
@@ -79,7 +82,9 @@ _KEEP = {
     "x-kubernetes-preserve-unknown-fields",
     "x-kubernetes-list-type",
     "x-kubernetes-list-map-keys",
+    "x-kubernetes-int-or-string",
 }
+_FACTS = {CHANGE_KEY, WRITER_KEY}  # facts about a field that live on the pydantic field, not in the CRD
 
 
 # --------------------------------------------------------------------------------------
@@ -118,7 +123,7 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
     out: dict[str, Any] = {}
     order = {k: i for i, k in enumerate(("type", "description", "default", "nullable"))}
     for key, value in sorted(node.items(), key=lambda kv: order.get(kv[0], len(order))):
-        if key in _DROP:
+        if key in _DROP or key in _FACTS:
             continue
         if key not in _KEEP:
             raise ValueError(f"unsupported JSON-schema keyword {key!r}")
@@ -130,6 +135,9 @@ def _convert(node: Any, defs: dict[str, Any]) -> Any:
             out[key] = copy.deepcopy(value)
     if out.get("type") == "object" and "properties" in out:
         out.pop("additionalProperties", None)  # extra="forbid": Kubernetes prunes (or, strict, refuses) unknowns
+    if out.get("additionalProperties") is True:  # a free-form mapping
+        del out["additionalProperties"]
+        out["x-kubernetes-preserve-unknown-fields"] = True
     return out
 
 
@@ -194,104 +202,122 @@ def spec_schema() -> dict[str, Any]:
         "drift.klCoefMax must be >= algo.klCoef (the monitor only raises the KL weight)",
         field_path=".drift.klCoefMax",
     )
-    # immutability after creation (transition rules: only checked on update)
-    for path in IMMUTABLE_FIELDS:
-        _rule(
-            _at(schema, path),
-            "self == oldSelf",
-            f"spec.{path} is immutable: delete and re-create the GPRLRun to change it",
-            reason="FieldValueForbidden",
-        )
+    _transition_rules(schema)
+    for rule in RULES:
+        if rule.where.startswith("spec."):
+            _rule(_at(schema, rule.where.removeprefix("spec.")), rule.cel, rule.message, rule.field_path)
     return schema
 
 
+def _unchanged(path: str) -> str:
+    """CEL: the field at `path` (dotted, from the object the rule sits on) is set in both or neither, and equal."""
+    new, old = f"self.{path}", f"oldSelf.{path}"
+    return f"(has({new}) == has({old}) && (!has({new}) || {new} == {old}))"
+
+
+def _prefixes(parent: str) -> list[str]:
+    parts = parent.split(".") if parent else []
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _transition_rules(schema: dict) -> None:
+    """The change marks (gprl.api.marks) as CEL transition rules (checked on updates only).
+
+    immutable: a rule on the field's parent object (so that setting an unset optional field counts as a change).
+    restart-required: a rule on spec, which can see `suspend`: a change passes only when the stored run is
+    suspended, so that every pod started on resume reads the new value.
+    """
+    for path, mark in leaf_changes(RunSpec, camel=True):
+        parent, _, leaf = path.rpartition(".")
+        if mark is Change.IMMUTABLE:
+            _rule(
+                _at(schema, parent) if parent else schema,
+                _unchanged(leaf),
+                f"spec.{path} is immutable: delete and re-create the GPRLRun to change it (a run resumes from "
+                "its checkpoints only with the same value)",
+                field_path=f".{leaf}",
+                reason="FieldValueForbidden",
+            )
+        elif mark is Change.RESTART:
+            guards = [f"has(self.{p}) && has(oldSelf.{p})" for p in _prefixes(parent)]
+            cond = f"!({' && '.join(guards)}) || {_unchanged(path)}" if guards else _unchanged(path)
+            _rule(
+                schema,
+                f"(has(oldSelf.suspend) && oldSelf.suspend) || {cond}",
+                f"spec.{path} is read when the trainer starts: set spec.suspend: true first, then change it; the "
+                "pods started on resume use the new value",
+                field_path=f".{path}",
+                reason="FieldValueForbidden",
+            )
+
+
+def _strip_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_strip_defaults(v) for v in node]
+    return node
+
+
 def status_schema() -> dict[str, Any]:
-    num = {"type": "number"}
-    integer = {"type": "integer", "format": "int64", "minimum": 0}
-    condition = {
-        "type": "object",
-        "required": ["type", "status"],
-        "properties": {
-            "type": {"type": "string", "description": "Ready, Running, Succeeded, Failed, Suspended, PodFailed, "
-                     "DriftDetected."},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string", "description": "CamelCase reason of the last transition."},
-            "message": {"type": "string", "description": "Human-readable details."},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {**integer},
+    """`status`, from gprl.api.status.RunStatus. No defaults: the API server would show them as if written."""
+    raw = RunStatus.model_json_schema(by_alias=True)
+    defs = raw.pop("$defs", {})
+    schema = _strip_defaults(_convert(raw, defs))
+    schema["description"] = (
+        f"Observed state. The run's own ServiceAccount may write only {', '.join(trainer_fields())} (the admission "
+        f"policy {POLICY_NAME} enforces it); every other field is the operator's."
+    )
+    return schema
+
+
+def trainer_status_policy() -> list[dict[str, Any]]:
+    """A ValidatingAdmissionPolicy (evaluated by the API server itself, no webhook) and its binding: a run's own
+    ServiceAccount (`<run>-trainer`) may change only the status fields marked `trainer` in gprl.api.status.
+
+    RBAC cannot grant single fields of a subresource; this policy narrows the Role's `patch gprlruns/status`
+    to the trainer's fields. (A separate object for the trainer's reports would cost a second watch per run.)
+    """
+    checks = []
+    for f in operator_fields():
+        new, old = f"object.status.{f}", f"oldObject.status.{f}"
+        has_new, has_old = f"(has(object.status) && has({new}))", f"(has(oldObject.status) && has({old}))"
+        checks.append({
+            "expression": f"{has_new} == {has_old} && (!{has_new} || {new} == {old})",
+            "message": f"status.{f} is written by the gprl operator only; a run's ServiceAccount may write "
+                       f"status.{{{','.join(trainer_fields())}}}",
+            "reason": "Forbidden",
+        })
+    labels = {"app.kubernetes.io/name": "gprl", "app.kubernetes.io/part-of": "gprl"}
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": POLICY_NAME, "labels": labels},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{
+                "apiGroups": [GROUP], "apiVersions": ["*"], "operations": ["UPDATE"], "resources": [f"{PLURAL}/status"],
+            }]},
+            "matchConditions": [{
+                "name": "run-service-account",
+                "expression": "request.userInfo.username == 'system:serviceaccount:' + object.metadata.namespace "
+                              f"+ ':' + object.metadata.name + '{TRAINER_SUFFIX}'",
+            }],
+            "validations": checks,
         },
     }
-    return {
-        "type": "object",
-        "description": "Observed state, written by the operator (phase, conditions, control) and by the job "
-        "(step, policyVersion, training).",
-        "properties": {
-            "phase": {
-                "type": "string",
-                "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended"],
-                "description": "Mirrors the run's Job.",
-            },
-            "observedGeneration": {**integer, "description": "metadata.generation the operator last reconciled."},
-            "conditions": {
-                "type": "array",
-                "items": condition,
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-                "description": "Standard conditions, one per type.",
-            },
-            "jobName": {"type": "string", "description": "The run's Job."},
-            "startTime": {"type": "string", "format": "date-time"},
-            "completionTime": {"type": "string", "format": "date-time"},
-            "activePods": {**integer},
-            "readyPods": {**integer},
-            "failedPods": {**integer},
-            "succeededPods": {**integer},
-            "step": {**integer, "description": "Last completed training step (reported by the job)."},
-            "policyVersion": {**integer, "description": "Version of the policy weights the rollouts use."},
-            "drift": {**num, "description": "Current drift D(t) = KL(alpha(t) || alpha(0))."},
-            "training": {
-                "type": "object",
-                "x-kubernetes-preserve-unknown-fields": True,
-                "description": "Per-axis statistics and losses reported by the job (free-form).",
-            },
-            "control": {
-                "type": "object",
-                "description": "Control block of the drift loop; the job applies it at the next step boundary.",
-                "properties": {
-                    "generation": {**integer, "description": "Incremented on every new control decision."},
-                    "acknowledgedGeneration": {**integer, "description": "Last generation the job applied."},
-                    "weights": {"type": "array", "items": num, "description": "Axis weights m."},
-                    "klCoef": {**num, "minimum": 0, "description": "beta_KL in force."},
-                    "epsLow": {**num, "minimum": 0, "description": "epsilon_low in force."},
-                    "epsHigh": {**num, "minimum": 0, "description": "epsilon_high in force."},
-                    "triggered": {"type": "boolean", "description": "Drift monitor is in its triggered state."},
-                    "updatedAt": {"type": "string", "format": "date-time"},
-                    "sourceStep": {**integer, "description": "Last training step the decision is based on."},
-                    "reportedAt": {"type": "string", "description": "status.training.reportedAt of the report "
-                                   "the decision is based on (the job's clock; loop latency starts here)."},
-                    "statisticsAt": {"type": "string", "description": "Job-clock time of the oldest step "
-                                     "statistics this decision is the first to include (full loop latency starts here)."},
-                    "reason": {"type": "string", "description": "Why this generation was written: Trigger, "
-                               "Tighten, Release, Relax, Restore (a refused hand-written block), Override."},
-                },
-            },
-            "driftMonitor": {
-                "type": "object",
-                "x-kubernetes-preserve-unknown-fields": True,
-                "description": "State of the operator's drift monitor (spectrum, baseline, D(t), trigger state, last "
-                "step fed); kept here so that it survives an operator restart. Written by the operator only.",
-            },
-            "message": {"type": "string", "description": "Last notable event, for humans."},
-        },
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": POLICY_NAME, "labels": labels},
+        "spec": {"policyName": POLICY_NAME, "validationActions": ["Deny"]},
     }
+    return [policy, binding]
 
 
 def build_crd() -> dict[str, Any]:
-    name_rule = {
-        "rule": f"self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= {MAX_NAME}",
-        "message": f"metadata.name must be a DNS-1035 label of at most {MAX_NAME} characters "
-        "(it names the run's Job, Services and pods)",
-    }
+    root_rules = [{"rule": r.cel, "message": r.message, **({"fieldPath": r.field_path} if r.field_path else {})}
+                  for r in RULES if r.where == ""]
     openapi = {
         "type": "object",
         "description": "A GPRL training run (General Preference RL) managed by the gprl operator.",
@@ -303,7 +329,7 @@ def build_crd() -> dict[str, Any]:
             "spec": spec_schema(),
             "status": status_schema(),
         },
-        "x-kubernetes-validations": [name_rule],
+        "x-kubernetes-validations": root_rules,
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -400,14 +426,33 @@ def _fmt_default(node: dict) -> str:
     return "`" + yaml.safe_dump(node["default"], default_flow_style=True, width=10_000).strip().removesuffix("...").strip() + "`"
 
 
-def _rows(node: dict, prefix: str, out: list[str]) -> None:
+def _rows(node: dict, prefix: str, out: list[str], facts: dict[str, str]) -> None:
+    """One table row per field; `facts` (dotted path -> text) fills the extra column: change mark or writer."""
     for name, prop in node.get("properties", {}).items():
         path = f"{prefix}{name}"
         desc = " ".join(str(prop.get("description", "")).split()).replace("|", "\\|")
         cons = _constraints(prop).replace("|", "\\|")
-        out.append(f"| `{path}` | {_type_of(prop)} | {_fmt_default(prop)} | {cons} | {desc} |")
-        if prop.get("type") == "object" and "properties" in prop:
-            _rows(prop, f"{path}.", out)
+        nested = prop.get("type") == "object" and "properties" in prop
+        fact = "" if nested and path not in facts else facts.get(path, "")
+        out.append(f"| `{path}` | {_type_of(prop)} | {_fmt_default(prop)} | {fact} | {cons} | {desc} |")
+        if nested:
+            _rows(prop, f"{path}.", out, facts)
+
+
+def _writers(model: Any, prefix: str, writer: str | None, out: dict[str, str]) -> dict[str, str]:
+    from pydantic import BaseModel
+
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        who = extra.get(WRITER_KEY, writer)
+        path = f"{prefix}{field.alias or name}"
+        out[path] = who or ""
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else (inner[0] if inner else None)
+        if sub is not None:
+            _writers(sub, f"{path}.", who, out)
+    return out
 
 
 def _rules(node: dict, prefix: str, out: list[str]) -> None:
@@ -429,23 +474,41 @@ def render_markdown(crd: dict | None = None) -> str:
         "",
         f"Namespaced custom resource; plural `{PLURAL}`, short name `{SHORT_NAME}` "
         f"(`kubectl get {SHORT_NAME}`). The spec holds the same fields as the YAML config of `gprl train` "
-        "(camelCase here; the CLI also accepts snake_case). The API server fills in every default, refuses values out "
+        "(camelCase here; a local config file may also use snake_case, a manifest may not: the API server knows only the camelCase names). The API server fills in every default, refuses values out "
         "of bounds, unknown enum values and (with `kubectl`'s default strict field validation) unknown fields, and "
         "checks the cross-field rules below.",
         "",
         "Printer columns: " + ", ".join(c["name"] for c in version["additionalPrinterColumns"]) + ".",
         "",
+        "## What may change on a live run",
+        "",
+        "Each field is marked once, in gprl/config.py, and the marks make the CEL transition rules below and the "
+        "trainer's resume check:",
+        "",
+        "- **immutable**: fixed for the run's life; the API server refuses a change. Outside `resources` and "
+        "`output`, a checkpoint is resumed only with the same value (`gprl train` refuses otherwise).",
+        "- **restart-required**: read when the trainer starts. The API server accepts a change only while the run "
+        "is suspended (`spec.suspend: true` stored first); the pods started on resume all use the new value. A "
+        "local resume may change it.",
+        "- **mutable**: takes effect on a live run (`suspend`).",
+        "",
+        "Resume check (fields a checkpoint must agree on): "
+        + ", ".join(f"`{p}`" for p in _resume_camel()) + ".",
+        "",
         "## spec",
         "",
-        "| field | type | default | constraints | description |",
-        "|---|---|---|---|---|",
+        "| field | type | default | change | constraints | description |",
+        "|---|---|---|---|---|---|",
     ]
-    _rows(schema["properties"]["spec"], "spec.", lines)
+    marks = {f"spec.{p}": m.value for p, m in leaf_changes(RunSpec, camel=True)}
+    marks["spec.suspend"] = Change.MUTABLE.value
+    _rows(schema["properties"]["spec"], "spec.", lines, marks)
     lines += [
         "",
         "## Validation rules (CEL)",
         "",
-        "Rules with `oldSelf` are checked on updates only: those fields are immutable once the run exists.",
+        "Rules with `oldSelf` are checked on updates only (the change marks above). The rules on the whole object "
+        "and on `output` hold on Kubernetes only; `gprl config` checks them too when given a GPRLRun manifest.",
         "",
         "| where | rule | message |",
         "|---|---|---|",
@@ -455,14 +518,28 @@ def render_markdown(crd: dict | None = None) -> str:
         "",
         "## status",
         "",
-        "Written by the operator (`phase`, `conditions`, `observedGeneration`, `control`, pod counts) and by the "
-        "job (`step`, `policyVersion`, `drift`, `training`, `control.acknowledgedGeneration`).",
+        f"The writer column says who may write each field. The run's own ServiceAccount may write only "
+        f"{', '.join(f'`{f}`' for f in trainer_fields())}: the ValidatingAdmissionPolicy `{POLICY_NAME}` (in the "
+        "Helm chart, generated with this page) refuses its changes to any other field.",
         "",
-        "| field | type | default | constraints | description |",
-        "|---|---|---|---|---|",
+        "| field | type | default | writer | constraints | description |",
+        "|---|---|---|---|---|---|",
     ]
-    _rows(schema["properties"]["status"], "status.", lines)
+    _rows(schema["properties"]["status"], "status.", lines, _writers(RunStatus, "status.", None, {}))
     return "\n".join(lines) + "\n"
+
+
+def _resume_camel() -> list[str]:
+    from gprl.api.marks import RESUME_EXEMPT
+
+    return [p for p, m in leaf_changes(RunSpec, camel=True)
+            if m is Change.IMMUTABLE and p.split(".", 1)[0] not in RESUME_EXEMPT]
+
+
+def render_policy(crd: dict | None = None) -> str:
+    header = "# GENERATED by `python -m gprl.crd --write` from gprl/api/status.py. Do not edit by hand.\n"
+    return header + "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=120)
+                                 for d in trainer_status_policy())
 
 
 # --------------------------------------------------------------------------------------
@@ -473,6 +550,7 @@ OUTPUTS = {
     "crds/gprlrun.yaml": render_yaml,
     "charts/gprl/crds/gprlrun.yaml": render_yaml,
     "docs/crd-reference.md": render_markdown,
+    "charts/gprl/templates/trainer-status-policy.yaml": render_policy,
 }
 
 
@@ -498,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--write",
         action="store_true",
-        help="write crds/gprlrun.yaml, charts/gprl/crds/gprlrun.yaml and docs/crd-reference.md in the repository",
+        help="write crds/gprlrun.yaml, charts/gprl/crds/gprlrun.yaml, docs/crd-reference.md and "
+        "charts/gprl/templates/trainer-status-policy.yaml in the repository",
     )
     args = parser.parse_args(argv)
     if args.write:

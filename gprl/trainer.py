@@ -32,6 +32,7 @@ from gprl.checkpoint import (
     InvalidCheckpoint, OutputFolderError, OutputLock, atomic_dir, checkpoint_folders, load_state, publish,
     remove_stale_temps, save_state, verify_manifest,
 )
+from gprl.api.marks import resume_fields
 from gprl.config import RunSpec, atomic_write_text, dump_config, parse_config
 from gprl.data import PromptSampler, load_prompts
 from gprl.gpm import GeneralPreferenceModel
@@ -41,24 +42,9 @@ from gprl.metrics import TrainerMetrics
 from gprl.rollout import make_rollout
 from gprl.sources import Sources, resolve_sources
 
-# Fields a checkpoint must agree on with the config that resumes it. Others (steps, learning rate,
-# drift thresholds, outputs) may change between a run and its resume.
-RESUME_FIELDS = (
-    "seed",
-    "model.policy",
-    "model.reference",
-    "model.dtype",
-    "model.lora",
-    "data.prompts",
-    "data.split",
-    "data.shuffle",
-    "gpm.path",
-    "gpm.axes",
-    "algo.group_size",
-    "algo.prompts_per_step",
-    "algo.normalization",
-    "learner.backend",
-)
+# Fields a checkpoint must agree on with the config that resumes it: the immutable ones, from the change marks on
+# RunSpec's fields (gprl.api.marks), the same marks the CRD's transition rules come from.
+RESUME_FIELDS = resume_fields(RunSpec)
 
 
 class CheckpointMismatch(ValueError):

@@ -8,12 +8,14 @@ lets read its own GPRLRun and patch its status, and nothing else.
   statistics: the drift monitor's inputs, plus KL, clip fraction, throughput, eigenvalues, ...), at most once
   per `drift.reportIntervalSeconds` (the last step of the run is always sent). Every step the operator has not
   fed to its monitor yet (`status.driftMonitor.lastStep`, read back at each poll) travels in `training.history`
-  (at most 512), so the monitor sees every step, however its timer and the reports interleave.
+  (at most 512), so the monitor sees every step, however its timer and the reports interleave. The shapes are
+  `gprl.api.status`'s: `TrainingReport`, `StepStatistics`, `ControlAck`; this ServiceAccount may write
+  `status.step`, `status.policyVersion` and `status.training` only (an admission policy refuses the rest).
 - `poll()`: reads `status.control` at most once per `GPRL_CONTROL_POLL_SECONDS` (default 1 s); a new
   `generation` is validated (`gprl.control.validate_control`) and returned to the trainer, which applies it at
-  this step boundary; the applied generation is acknowledged at once in `status.control.acknowledgedGeneration`
-  and `status.training.appliedControlGeneration` / `controlAppliedAt`. A malformed block is never applied: it
-  is reported as `status.training.refusedControl` and logged.
+  this step boundary; the applied generation is acknowledged at once in `status.training.appliedControlGeneration`
+  and `status.training.controlAck` (with the block's own `reportedAt` / `statisticsAt`). A malformed block is never
+  applied: it is reported as `status.training.refusedControl` and logged.
 - API server unreachable: the trainer keeps its last good control; the channel logs once per outage, retries at
   the next step, and sends the statistics it held back once the server answers again.
 
@@ -40,6 +42,7 @@ from collections import deque
 from typing import Any, Callable
 
 from gprl.algo.drift import Control
+from gprl.api.status import ControlAck, RefusedControl, StepStatistics, TrainingReport
 from gprl.config import RunSpec
 from gprl.control import InvalidControl, validate_control
 
@@ -47,27 +50,11 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 GROUP, VERSION, PLURAL = "gprl.dev", "v1alpha1", "gprlruns"
 HISTORY_MAX = 512  # steps held back while reports are rate-limited or the API server is down (GPRL_CONTROL_HISTORY)
 
-# trainer record key -> status.training key (scalars)
-SCALARS = {
-    "kl": "kl",
-    "clip_fraction": "clipFraction",
-    "entropy": "entropy",
-    "loss": "loss",
-    "policy_loss": "policyLoss",
-    "grad_norm": "gradNorm",
-    "learning_rate": "learningRate",
-    "response_length": "responseLength",
-    "tokens": "tokens",
-    "tokens_per_second": "tokensPerSecond",
-    "advantage_abs_mean": "advantageAbsMean",
-    "step_seconds": "stepSeconds",
-    "kl_coef": "klCoef",
-    "eps_low": "epsLow",
-    "eps_high": "epsHigh",
-    "exploit": "exploit",
-}
-LISTS = {"axis_variance": "axisVariance", "axis_win_rate": "axisWinRate", "eigenvalues": "eigenvalues",
-         "weights": "weights", "oracle_axes": "oracleAxes"}
+# trainer record keys copied into status.training (TrainingReport's fields of the same snake_case name)
+SCALARS = ("kl", "clip_fraction", "entropy", "loss", "policy_loss", "grad_norm", "learning_rate", "response_length",
+           "tokens", "tokens_per_second", "advantage_abs_mean", "step_seconds", "kl_coef", "eps_low", "eps_high",
+           "exploit")
+LISTS = ("axis_variance", "axis_win_rate", "eigenvalues", "weights", "oracle_axes")
 
 
 def now_rfc3339() -> str:
@@ -243,29 +230,22 @@ class KubeControlChannel:
         try:
             control = validate_control(block, self.axes, self.spec.drift)
         except InvalidControl as exc:
-            self.refused = {"generation": gen, "reason": str(exc), "refusedAt": now_rfc3339(), "step": step}
+            self.refused = RefusedControl(generation=gen, reason=str(exc), refused_at=now_rfc3339(), step=step).wire()
             self.log(f"control: REFUSED generation {gen} at step {step}: {exc}; keeping generation "
                      f"{self.applied_generation}")
             self._pending_ack = {"refusedControl": dict(self.refused)}
             return None
         self.control, self.applied_generation = control, gen
-        self._pending_ack = self.last_applied = {
-            "appliedControlGeneration": gen,
-            "controlAppliedAt": now_rfc3339(),
-            "controlAppliedStep": step,
-            "controlReportedAt": block.get("reportedAt"),
-            "controlStatisticsAt": block.get("statisticsAt"),
-        }
+        ack = ControlAck(generation=gen, applied_at=now_rfc3339(), applied_step=step,
+                         reported_at=block.get("reportedAt"), statistics_at=block.get("statisticsAt"))
+        self._pending_ack = self.last_applied = {"appliedControlGeneration": gen, "controlAck": ack.wire()}
         self.log(f"control: applied generation {gen} at step {step}: weights "
                  f"{[round(w, 4) for w in control.weights]}, klCoef {control.kl_coef:.4g}, "
                  f"eps [{control.eps_low:.4g}, {control.eps_high:.4g}]")
         return control
 
     def _flush_ack(self) -> None:
-        ack = self._pending_ack
-        status: dict[str, Any] = {"training": dict(ack)}
-        if "appliedControlGeneration" in ack:
-            status["control"] = {"acknowledgedGeneration": ack["appliedControlGeneration"]}
+        status: dict[str, Any] = {"training": dict(self._pending_ack)}
         try:
             self._patch_status(status)
         except Exception as exc:
@@ -285,33 +265,28 @@ class KubeControlChannel:
                 if self._dropped == 1:
                     self.log(f"control: more than {self._history.maxlen} steps not yet seen by the operator; dropping "
                              "the oldest (GPRL_CONTROL_HISTORY raises the limit)")
-            item = {"step": self._step, "axisVariance": [float(v) for v in axis_var], "at": now_rfc3339()}
-            if record.get("axis_win_rate") is not None:  # a probe step: the monitor's second signal
-                item["axisWinRate"] = [float(w) for w in record["axis_win_rate"]]
-            self._history.append(item)
+            win = record.get("axis_win_rate")  # a probe step: the monitor's second signal
+            self._history.append(StepStatistics(
+                step=self._step, axis_variance=[float(v) for v in axis_var], statistics_at=now_rfc3339(),
+                axis_win_rate=None if win is None else [float(w) for w in win]).wire())
         now = self.clock()
         last = self._step >= self.spec.algo.steps
         if not last and now - self._last_report < self.report_seconds:
             return
         if self._down_since is not None and not last and now - self._last_poll < self.poll_seconds:
             return  # the server was down a moment ago: retry at the next step, not at every call
-        training: dict[str, Any] = {"step": self._step, "policyVersion": int(record.get("policy_version", 0)),
-                                    "reportedAt": now_rfc3339()}
-        for key, out in SCALARS.items():
-            if isinstance(record.get(key), (int, float)):
-                training[out] = float(record[key])
-        for key, out in LISTS.items():
-            if isinstance(record.get(key), list):
-                training[out] = [float(v) for v in record[key]]
         while self._history and self._history[0]["step"] <= self._fed_step:
             self._history.popleft()
-        training["history"] = list(self._history)
-        training["appliedControlGeneration"] = self.applied_generation
+        report = TrainingReport(
+            step=self._step, policy_version=int(record.get("policy_version", 0)), reported_at=now_rfc3339(),
+            **{key: float(record[key]) for key in SCALARS if isinstance(record.get(key), (int, float))},
+            **{key: [float(v) for v in record[key]] for key in LISTS if isinstance(record.get(key), list)},
+        )
+        training: dict[str, Any] = {**report.wire(), "history": list(self._history),
+                                    "appliedControlGeneration": self.applied_generation}
         if self._pending_ack is not None:
             training.update(self._pending_ack)
         status: dict[str, Any] = {"step": self._step, "policyVersion": training["policyVersion"], "training": training}
-        if self._pending_ack is not None and "appliedControlGeneration" in self._pending_ack:
-            status["control"] = {"acknowledgedGeneration": self._pending_ack["appliedControlGeneration"]}
         try:
             self._patch_status(status)
         except Exception as exc:

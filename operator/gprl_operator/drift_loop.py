@@ -16,7 +16,11 @@ A kopf timer per GPRLRun whose `spec.drift.mode` is `operator`:
 The monitor's state lives in the resource (`status.driftMonitor`), so an operator restart loses nothing. The
 status is written by server-side apply under its own field manager (`gprl-drift-loop`), so that it never
 removes or fights over the fields the reconcile handlers (manager `gprl-operator`) or the job (merge patches)
-own. `decide()` is a pure function of the run and the previous state; the kopf handler only does I/O.
+own. `decide()` is a pure function of the run and the previous state, in named steps (load the state, consider
+a block written by someone else, feed the statistics, choose the control, stamp the generation, build the patch);
+the kopf handlers only do I/O, with the operator's one Kubernetes client (`gprl_operator.kube.shared`). Per-run
+state of this process lives in kopf's per-object `memo`; the monitored runs are a kopf index. The status shapes
+are `gprl.api.status`'s (`TrainingReport` in, `ControlBlock` and `DriftMonitorState` out).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import datetime as _dt
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -34,10 +37,14 @@ from typing import Any, Optional
 import kopf
 from prometheus_client import Counter, Gauge, Histogram
 
-from gprl.algo.drift import DriftMonitor
+from pydantic import ValidationError
+
+from gprl.algo.drift import Control, DriftMonitor
+from gprl.api.status import ControlBlock, DriftMonitorState
 from gprl.config import RunSpec
 from gprl.control import InvalidControl, control_block, validate_control
 from gprl.crd import GROUP, KIND, PLURAL, VERSION
+from gprl_operator.kube import shared
 
 log = logging.getLogger("gprl_operator.drift")
 
@@ -87,11 +94,6 @@ TICK_SECONDS = Histogram(
 ERRORS = Counter("gprl_operator_drift_errors", "Drift-loop ticks that failed, by kind.", ["kind"])
 MONITORED = Gauge("gprl_operator_drift_monitored_runs", "GPRLRuns whose drift loop runs in this operator.")
 
-_cache: dict[tuple[str, str], dict] = {}  # (ns, run) -> newest state this process wrote (the watch may lag)
-_lat_seen: dict[tuple[str, str], int] = {}  # (ns, run) -> generation whose latency was observed
-_lock = threading.Lock()
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -109,6 +111,9 @@ def _spec(run: dict) -> RunSpec:
     return run_spec(run)
 
 
+_CONTROL_KEYS = ("weights", "klCoef", "epsLow", "epsHigh")
+
+
 def _close(a: dict, b: dict) -> bool:
     """Two control blocks (camelCase) equal up to CHANGE_TOLERANCE (relative)."""
 
@@ -121,17 +126,21 @@ def _close(a: dict, b: dict) -> bool:
     return (
         len(wa) == len(wb)
         and all(near(x, y) for x, y in zip(wa, wb))
-        and all(near(a.get(k), b.get(k)) for k in ("klCoef", "epsLow", "epsHigh"))
+        and all(near(a.get(k), b.get(k)) for k in _CONTROL_KEYS[1:])
     )
 
 
 def _exact(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("weights", "klCoef", "epsLow", "epsHigh"))
+    return all(a.get(k) == b.get(k) for k in _CONTROL_KEYS)
+
+
+def _block(control: Control) -> ControlBlock:
+    return ControlBlock.model_validate(control_block(control))
 
 
 @dataclass
 class Decision:
-    state: dict  # the new status.driftMonitor
+    state: dict  # the new status.driftMonitor (gprl.api.status.DriftMonitorState, camelCase)
     status: Optional[dict] = None  # status fields to apply (manager DRIFT_MANAGER); None: nothing to write
     events: list[dict] = field(default_factory=list)  # {"type", "reason", "message"}
     fed: int = 0
@@ -141,152 +150,203 @@ class Decision:
     latency: Optional[float] = None  # loop latency of the newest acknowledged generation
 
 
+@dataclass
+class _Tick:
+    """What one decision works on: the run's spec and reports, the monitor and its (typed) state."""
+
+    run: dict
+    spec: RunSpec
+    training: dict
+    current: dict  # status.control as found (maybe written by hand)
+    state: DriftMonitorState
+    monitor: DriftMonitor
+    first: bool  # no state in the resource yet
+    d: Decision
+    write_control: bool = False
+    statistics_at: Optional[str] = None  # job-clock time of the oldest statistics fed in this tick
+
+    @property
+    def name(self) -> str:
+        return self.run["metadata"]["name"]
+
+
 def decide(run: dict, now: str, cached: Optional[dict] = None) -> Decision:
-    """One tick of the drift loop for one run: pure, no I/O."""
+    """One tick of the drift loop for one run: pure, no I/O. `cached`: the state this process wrote last (the
+    watch may not have shown it yet)."""
+    t = _load(run, cached)
+    _consider_foreign_control(t)
+    _feed_statistics(t)
+    _choose_control(t)
+    _stamp_generation(t, now)
+    return _status_patch(t, now)
+
+
+def _load(run: dict, cached: Optional[dict]) -> _Tick:
+    """1. The monitor's state: from the resource, or this process's newer copy."""
     spec = _spec(run)
     k = spec.gpm.axes
     status = run.get("status") or {}
-    training = status.get("training") or {}
-    current = status.get("control") or {}
     persisted = status.get("driftMonitor") or {}
-    state = copy.deepcopy(persisted)
+    raw = persisted
     if cached is not None and cached.get("lastStep", -1) >= persisted.get("lastStep", -1) and \
             cached.get("generation", 0) >= persisted.get("generation", 0):
-        state = copy.deepcopy(cached)
-    first = not persisted
-    if state.get("axes") not in (None, k):
-        state = {}  # gpm.axes is immutable, so only a foreign or damaged state gets here
-    state.setdefault("axes", k)
-    state.setdefault("lastStep", 0)
-    state.setdefault("generation", 0)
-    state.setdefault("decidedAt", {})
-
+        raw = cached
+    try:
+        state = DriftMonitorState.model_validate(copy.deepcopy(raw))
+    except ValidationError as exc:
+        log.warning("%s: drift monitor state unreadable (%s); starting afresh", run["metadata"]["name"], exc)
+        state = DriftMonitorState()
+    if state.axes not in (None, k):
+        state = DriftMonitorState()  # gpm.axes is immutable, so only a foreign or damaged state gets here
+    state.axes = k
     monitor = DriftMonitor(spec.drift, k, spec.algo.kl_coef, spec.algo.eps_low, spec.algo.eps_high)
-    if state.get("monitor"):
+    if state.monitor:
         try:
-            monitor.load_state_dict(state["monitor"])
+            monitor.load_state_dict(state.monitor)
         except (TypeError, ValueError) as exc:
             log.warning("%s: drift monitor state unusable (%s); starting afresh", run["metadata"]["name"], exc)
-            state["monitor"] = None
-    d = Decision(state=state)
-    own = state.get("control")  # the last block this loop wrote (or adopted)
-    write_control = False
+            state.monitor = None
+    return _Tick(run=run, spec=spec, training=status.get("training") or {}, current=status.get("control") or {},
+                 state=state, monitor=monitor, first=not persisted, d=Decision(state={}))
 
-    # -- a control block written by someone else (by hand, kubectl patch --subresource=status)
+
+def _consider_foreign_control(t: _Tick) -> None:
+    """2. A control block written by someone else (kubectl patch --subresource=status): refused when malformed
+    (the last good one is written back under a newer generation), adopted as an override when valid."""
+    state, current = t.state, t.current
+    own = state.control.wire() if state.control is not None else None
     gen = current.get("generation")
-    if isinstance(gen, int) and "weights" in current and (
-        gen > state["generation"] or (gen == state["generation"] and own is not None and not _exact(current, own))
-    ) and gen != state.get("refusedGeneration"):
-        try:
-            adopted = validate_control(current, k, spec.drift)
-        except InvalidControl as exc:
-            state["refusedGeneration"] = gen
-            d.refused += 1
-            d.events.append({"type": "Warning", "reason": "ControlRefused",
-                             "message": f"status.control generation {gen} refused, never applied: {exc}"})
-            state["generation"] = gen
-            if own is None:  # nothing decided yet: restore the baseline
-                state["control"] = own = control_block(monitor.control)
-            d.reason = "Restore"
-            write_control = True
-        else:
-            monitor.state.control = adopted
-            state["generation"] = gen
-            state["control"] = own = control_block(adopted)
-            d.events.append({"type": "Normal", "reason": "ControlOverridden",
-                             "message": f"status.control generation {gen} was written by hand; the drift loop "
-                                        "adopts it and continues from it"})
+    if not (isinstance(gen, int) and "weights" in current):
+        return
+    if not (gen > state.generation or (gen == state.generation and own is not None and not _exact(current, own))):
+        return
+    if gen == state.refused_generation:
+        return
+    try:
+        adopted = validate_control(current, t.spec.gpm.axes, t.spec.drift)
+    except InvalidControl as exc:
+        state.refused_generation = gen
+        t.d.refused += 1
+        t.d.events.append({"type": "Warning", "reason": "ControlRefused",
+                           "message": f"status.control generation {gen} refused, never applied: {exc}"})
+        state.generation = gen
+        if state.control is None:  # nothing decided yet: restore the baseline
+            state.control = _block(t.monitor.control)
+        t.d.reason = "Restore"
+        t.write_control = True
+    else:
+        t.monitor.state.control = adopted
+        state.generation = gen
+        state.control = _block(adopted)
+        state.control.reason = "Override"
+        t.d.events.append({"type": "Normal", "reason": "ControlOverridden",
+                           "message": f"status.control generation {gen} was written by hand; the drift loop "
+                                      "adopts it and continues from it"})
 
-    # -- feed the statistics reported since the last tick, by step
+
+def _history(training: dict) -> list[dict]:
     history = training.get("history") or []
     if not history and training.get("axisVariance") is not None and training.get("step") is not None:
-        history = [{"step": training["step"], "axisVariance": training["axisVariance"]}]
-    first_at = None  # job-clock time of the oldest statistics fed in this tick
-    for item in sorted((h for h in history if isinstance(h, dict)), key=lambda h: h.get("step", 0)):
+        history = [{"step": training["step"], "axisVariance": training["axisVariance"],
+                    "statisticsAt": training.get("reportedAt")}]
+    return sorted((h for h in history if isinstance(h, dict)), key=lambda h: h.get("step", 0))
+
+
+def _feed_statistics(t: _Tick) -> None:
+    """3. Feed every step reported since the last tick to the monitor, in order; say when it triggers/releases."""
+    state, monitor, spec, k = t.state, t.monitor, t.spec, t.spec.gpm.axes
+    for item in _history(t.training):
         step, var = item.get("step"), item.get("axisVariance")
-        if not isinstance(step, int) or step <= state["lastStep"]:
+        if not isinstance(step, int) or step <= state.last_step:
             continue
-        first_at = first_at or item.get("at") or training.get("reportedAt")
+        t.statistics_at = t.statistics_at or item.get("statisticsAt") or t.training.get("reportedAt")
         if not isinstance(var, list) or len(var) != k or not all(isinstance(v, (int, float)) for v in var):
-            log.warning("%s: step %s reports %r, not %d axis variances; skipped", run["metadata"]["name"], step, var, k)
-            state["lastStep"] = step
+            log.warning("%s: step %s reports %r, not %d axis variances; skipped", t.name, step, var, k)
+            state.last_step = step
             continue
         win = item.get("axisWinRate")
         if win is not None and (not isinstance(win, list) or len(win) != k
                                 or not all(isinstance(w, (int, float)) and 0 <= w <= 1 for w in win)):
-            log.warning("%s: step %s reports win rates %r, not %d values in [0, 1]; ignored", run["metadata"]["name"],
-                        step, win, k)
+            log.warning("%s: step %s reports win rates %r, not %d values in [0, 1]; ignored", t.name, step, win, k)
             win = None
         monitor.update([float(v) for v in var], None if win is None else [float(w) for w in win])
-        state["lastStep"] = step
-        d.fed += 1
+        state.last_step = step
+        t.d.fed += 1
         for ev in monitor.state.events:
-            ms = monitor.state
-            if ev["type"] == "trigger":
-                d.trigger_events += 1
-                d.reason = "Restore" if d.reason == "Restore" else "Trigger"
-                top = monitor.overused_axis()
-                if ev.get("signal") == "win_rate":
-                    what = (f"win-rate lead L = {ev['lead']:.3f} > tau_L = {spec.drift.lead_tau:g} at step {step}: "
-                            f"axis {top} beats the reference {ms.win_rate[top]:.3f} of the time, no other axis more "
-                            f"than {max([0.5] + [w for i, w in enumerate(ms.win_rate) if i != top]):.3f}")
-                else:
-                    what = (f"D(t) = {ev['divergence']:.4g} > tau = {spec.drift.tau:g} at step {step}: "
-                            f"axis {top} holds {ms.spectrum[top]:.3f} of the variance spectrum "
-                            f"(start of run: {ms.baseline[top]:.3f})")
-                d.events.append({"type": "Warning", "reason": "DriftDetected",
-                                 "message": what + "; down-weighting it and tightening the trust region"})
-            else:
-                d.reason = d.reason or "Release"
-                d.events.append({"type": "Normal", "reason": "DriftReleased",
-                                 "message": f"D(t) = {ev['divergence']:.4g} < {spec.drift.release_ratio:g} tau and "
-                                            f"L = {ev['lead']:.3f} < {spec.drift.release_ratio:g} tau_L at step "
-                                            f"{step}; relaxing the control to baseline"})
-    if d.fed:
-        state["monitor"] = monitor.state_dict()
-        new = control_block(monitor.control)
-        if own is None or not _close(new, own):
-            write_control = True
-            d.reason = d.reason or ("Tighten" if monitor.state.triggered else "Relax")
-            state["control"] = own = new
-    state["triggered"] = bool(monitor.state.triggered)
+            _explain(t, ev, step)
 
-    if write_control:
-        state["generation"] = max(state["generation"], gen if isinstance(gen, int) else 0) + 1
-        state["sourceStep"] = state["lastStep"]
-        state["decidedAt"] = {**{g: t for g, t in state["decidedAt"].items()
-                                 if int(g) > int(training.get("appliedControlGeneration") or 0)},
-                              str(state["generation"]): _ts(now)}
-        state["reason"] = d.reason
-    # loop latency of the newest acknowledged generation: the report it came from -> applied (job clock)
-    t_rep = _ts(training.get("controlStatisticsAt")) or _ts(training.get("controlReportedAt"))
-    t_app = _ts(training.get("controlAppliedAt"))
-    if t_rep is not None and t_app is not None and training.get("appliedControlGeneration"):
-        d.latency = max(0.0, t_app - t_rep)
-    acked = int(training.get("appliedControlGeneration") or current.get("acknowledgedGeneration") or 0)
-    state["decidedAt"] = {g: t for g, t in state["decidedAt"].items() if int(g) > acked}
 
-    if write_control:
-        state["controlReportedAt"] = training.get("reportedAt") if d.fed else state.get("controlReportedAt")
-        state["controlStatisticsAt"] = first_at if d.fed else state.get("controlStatisticsAt")
-        state["updatedAt"] = now[:19] + "Z"
-    if not (d.fed or write_control or d.events or first):
-        return d  # nothing new: no API call
-    ms = monitor.state
-    out: dict[str, Any] = {"driftMonitor": state, "drift": float(ms.divergence)}
-    if own is not None:
-        block = {**own, "generation": state["generation"], "triggered": bool(ms.triggered),
-                 "sourceStep": int(state.get("sourceStep", state["lastStep"])),
-                 "reason": state.get("reason") or "Relax"}
-        for key in ("updatedAt",):
-            if state.get(key):
-                block[key] = state[key]
-        if state.get("controlReportedAt"):
-            block["reportedAt"] = state["controlReportedAt"]
-        if state.get("controlStatisticsAt"):
-            block["statisticsAt"] = state["controlStatisticsAt"]
-        out["control"] = block
-    out["conditions"] = [_condition(run, spec, ms, now)]
+def _explain(t: _Tick, ev: dict, step: int) -> None:
+    ms, spec, d = t.monitor.state, t.spec, t.d
+    if ev["type"] == "trigger":
+        d.trigger_events += 1
+        d.reason = "Restore" if d.reason == "Restore" else "Trigger"
+        top = t.monitor.overused_axis()
+        if ev.get("signal") == "win_rate":
+            what = (f"win-rate lead L = {ev['lead']:.3f} > tau_L = {spec.drift.lead_tau:g} at step {step}: "
+                    f"axis {top} beats the reference {ms.win_rate[top]:.3f} of the time, no other axis more "
+                    f"than {max([0.5] + [w for i, w in enumerate(ms.win_rate) if i != top]):.3f}")
+        else:
+            what = (f"D(t) = {ev['divergence']:.4g} > tau = {spec.drift.tau:g} at step {step}: "
+                    f"axis {top} holds {ms.spectrum[top]:.3f} of the variance spectrum "
+                    f"(start of run: {ms.baseline[top]:.3f})")
+        d.events.append({"type": "Warning", "reason": "DriftDetected",
+                         "message": what + "; down-weighting it and tightening the trust region"})
+    else:
+        d.reason = d.reason or "Release"
+        d.events.append({"type": "Normal", "reason": "DriftReleased",
+                         "message": f"D(t) = {ev['divergence']:.4g} < {spec.drift.release_ratio:g} tau and "
+                                    f"L = {ev['lead']:.3f} < {spec.drift.release_ratio:g} tau_L at step "
+                                    f"{step}; relaxing the control to baseline"})
+
+
+def _choose_control(t: _Tick) -> None:
+    """4. A new control generation when the monitor's control moved by more than CHANGE_TOLERANCE."""
+    state, monitor = t.state, t.monitor
+    if t.d.fed:
+        state.monitor = monitor.state_dict()
+        new = _block(monitor.control)
+        if state.control is None or not _close(new.wire(), state.control.wire()):
+            t.write_control = True
+            t.d.reason = t.d.reason or ("Tighten" if monitor.state.triggered else "Relax")
+            new.reported_at, new.statistics_at = t.training.get("reportedAt"), t.statistics_at
+            state.control = new
+    state.triggered = bool(monitor.state.triggered)
+
+
+def _stamp_generation(t: _Tick, now: str) -> None:
+    """5. Number a new decision, remember when it was made (until acknowledged), measure the loop's latency."""
+    state, training = t.state, t.training
+    gen = t.current.get("generation")
+    acked = int(training.get("appliedControlGeneration") or 0)
+    if t.write_control:
+        state.generation = max(state.generation, gen if isinstance(gen, int) else 0) + 1
+        state.control.source_step = state.last_step
+        state.control.reason = t.d.reason
+        state.control.updated_at = now[:19] + "Z"
+        state.decided_at[str(state.generation)] = _ts(now)
+    state.decided_at = {g: ts for g, ts in state.decided_at.items() if int(g) > acked}
+    # loop latency of the newest acknowledged generation: its oldest statistics (or report) -> applied (job clock)
+    ack = training.get("controlAck") or {}
+    t_rep = _ts(ack.get("statisticsAt")) or _ts(ack.get("reportedAt"))
+    t_app = _ts(ack.get("appliedAt"))
+    if t_rep is not None and t_app is not None and ack.get("generation"):
+        t.d.latency = max(0.0, t_app - t_rep)
+
+
+def _status_patch(t: _Tick, now: str) -> Decision:
+    """6. The status fields this loop owns, or none when nothing is new (no API call)."""
+    d, state, ms = t.d, t.state, t.monitor.state
+    d.state = state.wire()
+    if not (d.fed or t.write_control or d.events or t.first):
+        return d
+    out: dict[str, Any] = {"driftMonitor": d.state, "drift": float(ms.divergence)}
+    if state.control is not None:
+        block = state.control.model_copy(update={"generation": state.generation, "triggered": bool(ms.triggered)})
+        block.source_step = block.source_step if block.source_step is not None else state.last_step
+        block.reason = block.reason or "Relax"
+        out["control"] = block.wire()
+    out["conditions"] = [_condition(t.run, t.spec, ms, now)]
     d.status = out
     return d
 
@@ -313,7 +373,7 @@ def _condition(run: dict, spec: RunSpec, ms: Any, now: str) -> dict:
 # metrics
 
 
-def _set_metrics(ns: str, name: str, run: dict, d: Decision) -> None:
+def _set_metrics(ns: str, name: str, run: dict, d: Decision, memo: Any) -> None:
     state, training = d.state, ((run.get("status") or {}).get("training") or {})
     mon = state.get("monitor") or {}
     try:
@@ -325,18 +385,17 @@ def _set_metrics(ns: str, name: str, run: dict, d: Decision) -> None:
     DIVERGENCE.labels(ns, name).set(float(mon.get("divergence") or 0.0))
     TRIGGERED.labels(ns, name).set(1.0 if state.get("triggered") else 0.0)
     LEAD.labels(ns, name).set(float(mon.get("lead") or 0.0))
+    own = state.get("control") or {}
     for gauge, values in ((AXIS_SPECTRUM, mon.get("spectrum")), (AXIS_BASELINE, mon.get("baseline")),
-                          (AXIS_WEIGHT, (state.get("control") or {}).get("weights")),
+                          (AXIS_WEIGHT, own.get("weights")),
                           (AXIS_VARIANCE, training.get("axisVariance")), (AXIS_WIN_RATE, mon.get("win_rate"))):
         for i, v in enumerate(values or []):
             gauge.labels(ns, name, str(i)).set(float(v))
-    own = state.get("control") or {}
     for gauge, key in ((KL_COEF, "klCoef"), (EPS_LOW, "epsLow"), (EPS_HIGH, "epsHigh")):
         if key in own:
             gauge.labels(ns, name).set(float(own[key]))
     GENERATION.labels(ns, name).set(state.get("generation", 0))
-    acked = int(training.get("appliedControlGeneration") or
-                ((run.get("status") or {}).get("control") or {}).get("acknowledgedGeneration") or 0)
+    acked = int(training.get("appliedControlGeneration") or 0)
     ACKED.labels(ns, name).set(acked)
     pending = [t for g, t in (state.get("decidedAt") or {}).items() if int(g) > acked and t]
     PENDING.labels(ns, name).set(max(0.0, time.time() - min(pending)) if pending else 0.0)
@@ -350,25 +409,21 @@ def _set_metrics(ns: str, name: str, run: dict, d: Decision) -> None:
         INTERVENTIONS.labels(ns, name).inc(d.trigger_events)
     if d.refused:
         REFUSED.labels(ns, name).inc(d.refused)
-    gen_acked = int(training.get("appliedControlGeneration") or 0)
-    if d.latency is not None and _lat_seen.get((ns, name)) != gen_acked:
-        _lat_seen[(ns, name)] = gen_acked
+    gen_acked = int((training.get("controlAck") or {}).get("generation") or 0)
+    if d.latency is not None and memo.get("latency_seen") != gen_acked:
+        memo["latency_seen"] = gen_acked  # one observation per acknowledged generation
         LATENCY.observe(d.latency)
 
 
 def forget(ns: str, name: str) -> None:
-    """Drop a deleted run's label sets and cached state."""
-    with _lock:
-        _cache.pop((ns, name), None)
-        _lat_seen.pop((ns, name), None)
-        MONITORED.set(len(_cache))
-    for metric in (DIVERGENCE, THRESHOLD, TRIGGERED, KL_COEF, EPS_LOW, EPS_HIGH, GENERATION, ACKED, PENDING,
-                   LAST_STEP, LAST_REPORT, INTERVENTIONS, STEPS_FED, REFUSED):
+    """Drop a deleted (or no longer operator-mode) run's label sets."""
+    for metric in (DIVERGENCE, THRESHOLD, LEAD_THRESHOLD, LEAD, TRIGGERED, KL_COEF, EPS_LOW, EPS_HIGH, GENERATION,
+                   ACKED, PENDING, LAST_STEP, LAST_REPORT, INTERVENTIONS, STEPS_FED, REFUSED):
         try:
             metric.remove(ns, name)
         except KeyError:
             pass
-    for metric in (AXIS_SPECTRUM, AXIS_BASELINE, AXIS_WEIGHT, AXIS_VARIANCE):
+    for metric in (AXIS_SPECTRUM, AXIS_BASELINE, AXIS_WEIGHT, AXIS_VARIANCE, AXIS_WIN_RATE):
         for labels in list(metric._metrics):  # noqa: SLF001 - prometheus_client has no "remove by prefix"
             if labels[:2] == (ns, name):
                 metric.remove(*labels)
@@ -401,26 +456,22 @@ def post_event(kube: Any, run: dict, etype: str, reason: str, message: str) -> N
         "lastTimestamp": now,
         "count": 1,
     }
-    # JSON is YAML: with this content type the kubernetes client's REST layer sends Kube.request's already
-    # serialised body as it is (with application/json it would encode the string a second time).
     kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body)
 
 
-def tick(run: dict, kube: Any) -> Decision:
-    """Decide, then write the status (one server-side apply) and the Events."""
+def tick(run: dict, kube: Any, memo: Any = None) -> Decision:
+    """Decide, then write the status (one server-side apply) and the Events. `memo`: kopf's per-run memo (a dict),
+    where this process keeps the newest state it wrote (the watch may lag behind it)."""
+    memo = {} if memo is None else memo
     ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
-    with _lock:
-        cached = _cache.get((ns, name))
-    d = decide(run, _now(), cached)
+    d = decide(run, _now(), memo.get("drift_state"))
     if d.status is not None:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name, "namespace": ns},
                 "status": d.status}
         kube.apply(body, field_manager=DRIFT_MANAGER, subresource="status")
         if d.reason and "control" in d.status:
             DECISIONS.labels(ns, name, d.reason).inc()
-    with _lock:
-        _cache[(ns, name)] = d.state
-        MONITORED.set(len(_cache))
+    memo["drift_state"] = d.state
     for ev in d.events:
         try:
             post_event(kube, run, ev["type"], ev["reason"], ev["message"])
@@ -428,21 +479,27 @@ def tick(run: dict, kube: Any) -> Decision:
             ERRORS.labels("event").inc()
             log.warning("%s/%s: could not post Event %s: %s", ns, name, ev["reason"], exc)
         (log.warning if ev["type"] == "Warning" else log.info)("%s/%s: %s: %s", ns, name, ev["reason"], ev["message"])
-    _set_metrics(ns, name, run, d)
+    _set_metrics(ns, name, run, d, memo)
     return d
 
 
+@kopf.index(GROUP, VERSION, PLURAL, id="drift-runs", when=_operator_mode)
+def drift_runs(namespace: str, name: str, **_: Any) -> dict:
+    """The runs whose drift monitor this operator runs (for the gauge; kopf keeps it current)."""
+    return {(namespace, name): True}
+
+
 @kopf.timer(GROUP, VERSION, PLURAL, id="drift-loop", interval=INTERVAL, when=_operator_mode)
-def drift_timer(body: Any, meta: Any, namespace: str, name: str, **_: Any) -> None:
+def drift_timer(body: Any, meta: Any, namespace: str, name: str, memo: Any, drift_runs: kopf.Index,
+                **_: Any) -> None:
     if meta.get("deletionTimestamp"):
         return
-    from gprl_operator.handlers import kube
-
+    MONITORED.set(len(drift_runs))
     run = copy.deepcopy({"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": dict(meta),
                          "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})})
     t0 = time.perf_counter()
     try:
-        tick(run, kube())
+        tick(run, shared(), memo)
     except Exception as exc:  # noqa: BLE001 - log, count, try again at the next tick (the state is in the resource)
         kind = type(exc).__name__
         status = getattr(exc, "status", None)
@@ -453,7 +510,9 @@ def drift_timer(body: Any, meta: Any, namespace: str, name: str, **_: Any) -> No
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="drift-loop-forget")
-def drift_forget(event: dict, namespace: str, name: str, spec: Any, **_: Any) -> None:
-    if event.get("type") == "DELETED" or not _operator_mode(spec):
-        if (namespace, name) in _cache:
-            forget(namespace, name)
+def drift_forget(event: dict, namespace: str, name: str, spec: Any, memo: Any, drift_runs: kopf.Index,
+                 **_: Any) -> None:
+    if (event.get("type") == "DELETED" or not _operator_mode(spec)) and memo.pop("drift_state", None) is not None:
+        memo.pop("latency_seen", None)
+        forget(namespace, name)
+        MONITORED.set(len(drift_runs))

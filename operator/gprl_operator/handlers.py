@@ -14,7 +14,6 @@ import datetime as _dt
 import logging
 import os
 import random
-import threading
 from typing import Any, Optional
 
 import kopf
@@ -29,15 +28,13 @@ from gprl_operator.children import (
     pod_failure,
     run_status,
 )
-from gprl_operator.kube import ApiError, Kube
+from gprl_operator.kube import ApiError, Kube, shared
 
 log = logging.getLogger("gprl_operator")
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
 PEERING_NAME = os.environ.get("GPRL_OPERATOR_PEERING", "gprl-operator")
 
-_kube: Optional[Kube] = None
-_kube_lock = threading.Lock()
 _last_written: dict[tuple[str, str], Any] = {}  # (ns, run) -> status fingerprint this process last applied
 _observed: dict[tuple[str, str], int] = {}  # (ns, run) -> generation this process last reconciled
 _failures: dict[tuple[str, str], dict] = {}  # (ns, run) -> newest failed pod
@@ -45,11 +42,7 @@ _phases: dict[tuple[str, str], str] = {}
 
 
 def kube() -> Kube:
-    global _kube
-    with _kube_lock:
-        if _kube is None:
-            _kube = Kube()
-        return _kube
+    return shared()  # one client for the whole operator (gprl_operator.kube.shared)
 
 
 def _now() -> str:

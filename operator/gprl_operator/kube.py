@@ -142,3 +142,16 @@ class Kube:
         except ApiError as exc:
             if exc.status != 404:
                 raise
+
+
+_shared: Optional[Kube] = None
+_shared_lock = threading.Lock()
+
+
+def shared() -> Kube:
+    """The operator's one client (credentials loaded once; handlers and the drift loop share its pool)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Kube()
+        return _shared

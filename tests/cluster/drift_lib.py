@@ -227,7 +227,7 @@ class StatusHistory:
     def acked(self) -> list[int]:
         seen = []
         for v in self.versions:
-            g = (v["status"].get("control") or {}).get("acknowledgedGeneration")
+            g = (v["status"].get("training") or {}).get("appliedControlGeneration")
             if g is not None and (not seen or seen[-1] != g):
                 seen.append(g)
         return seen

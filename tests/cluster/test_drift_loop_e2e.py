@@ -190,8 +190,8 @@ def test_api_server_restart_mid_run(control_plane, drift_operator, namespace, as
     # the toy trains ~10 steps/s: hold back every step of the outage (a real step takes seconds to minutes)
     trainer, history = start_run(cp, namespace, name, run_spec(assets, "operator", steps), tmp_path / "run",
                                  env={"GPRL_CONTROL_HISTORY": "4096"})
-    wait_for(lambda: (((get_run(cp, namespace, name) or {}).get("status") or {}).get("control") or {})
-             .get("acknowledgedGeneration"), T, what="a first control acknowledged\n" + trainer.text()[-2000:])
+    wait_for(lambda: (((get_run(cp, namespace, name) or {}).get("status") or {}).get("training") or {})
+             .get("appliedControlGeneration"), T, what="a first control acknowledged\n" + trainer.text()[-2000:])
     step_before = get_run(cp, namespace, name)["status"]["training"]["step"]
     assert step_before < steps - 100, f"the run is nearly over (step {step_before}) before the outage"
     argv = stop_apiserver(cp)
@@ -236,8 +236,8 @@ def test_malformed_control_is_refused_with_an_event_and_never_applied(
         control_plane, drift_operator, namespace, assets, tmp_path):
     cp, name, steps = control_plane, "drift-bad", 300
     trainer, history = start_run(cp, namespace, name, run_spec(assets, "operator", steps), tmp_path / "run")
-    gen = wait_for(lambda: (((get_run(cp, namespace, name) or {}).get("status") or {}).get("control") or {})
-                   .get("acknowledgedGeneration"), T, what="a first control acknowledged\n" + trainer.text()[-2000:])
+    gen = wait_for(lambda: (((get_run(cp, namespace, name) or {}).get("status") or {}).get("training") or {})
+                   .get("appliedControlGeneration"), T, what="a first control acknowledged\n" + trainer.text()[-2000:])
     bad_gens = []
     for bad in ({"weights": [1.0, 1.0]}, {"weights": [1.0, -1.0, 1.0]}, {"klCoef": 7.5}):
         current = get_run(cp, namespace, name)["status"]["control"]

@@ -16,7 +16,7 @@ BAD = [
     ({"drift": {"tau": -1}}, "drift.tau: must be > 0, got -1"),
     ({"drift": {"pinned_weights": [1, 1]}}, "drift.pinned_weights has 2 entries but gpm.axes is 3"),
     ({"rollout": {"backend": "tgi"}}, "rollout.backend: must be one of 'hf' or 'vllm'"),
-    ({"resources": {"memory": "lots"}}, "resources.memory: String should match pattern"),
+    ({"resources": {"memory": "lots"}}, "resources.memory: 'lots' is not a Kubernetes quantity"),
     ({"algo": {"grup_size": 4}}, "algo.grup_size: unknown field"),
     ({"learning_rate": 1e-4}, "learning_rate: unknown field"),
     ({"output": {"metrics_port": 70000}}, "output.metrics_port: must be <= 65535, got 70000"),

@@ -145,14 +145,16 @@ def test_new_generation_is_validated_applied_once_and_acknowledged(api):
                                     "epsHigh": 0.15, "reportedAt": "2026-01-01T00:00:00Z"}
     c = ch.poll()
     assert c == Control([0.5, 1.25, 1.25], 0.06, 0.15, 0.15)
-    assert api.obj["status"]["control"]["acknowledgedGeneration"] == 3
+    assert "acknowledgedGeneration" not in api.obj["status"]["control"]  # status.control is the operator's
     assert api.obj["status"]["training"]["appliedControlGeneration"] == 3
+    ack = api.obj["status"]["training"]["controlAck"]
+    assert ack["generation"] == 3 and ack["reportedAt"] == "2026-01-01T00:00:00Z" and "appliedAt" in ack
     assert ch.poll() is None  # same generation: nothing new
     api.obj["status"]["control"].update({"generation": 4, "weights": [1.0, 1.0]})
     assert ch.poll() is None
     assert "REFUSED generation 4" in logs[-1] and "2 entries" in logs[-1]
     assert api.obj["status"]["training"]["refusedControl"]["generation"] == 4
-    assert api.obj["status"]["control"]["acknowledgedGeneration"] == 3
+    assert api.obj["status"]["training"]["appliedControlGeneration"] == 3
     assert ch.control.weights == [0.5, 1.25, 1.25]  # the last good control stays
 
 
@@ -179,4 +181,4 @@ def test_api_down_keeps_the_last_control_and_catches_up(api):
     ch.report(rec(7))
     tr = api.obj["status"]["training"]
     assert [h["step"] for h in tr["history"]] == [1, 2, 3, 4, 5, 6, 7]
-    assert api.obj["status"]["control"]["acknowledgedGeneration"] == 2
+    assert api.obj["status"]["training"]["appliedControlGeneration"] == 2

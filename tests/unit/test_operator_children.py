@@ -70,7 +70,8 @@ def test_crd_shape():
     assert set(spec["properties"]["rollout"]["properties"]["backend"]["enum"]) == {"hf", "vllm"}
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert any("pinnedWeights" in r for r in rules) and any("klCoefMax" in r for r in rules)
-    assert spec["properties"]["model"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    (policy,) = [r for r in spec["properties"]["model"]["x-kubernetes-validations"] if r["fieldPath"] == ".policy"]
+    assert "oldSelf.policy" in policy["rule"] and "spec.model.policy is immutable" in policy["message"]
 
 
 def test_crd_command_prints_yaml_and_markdown(capsys):
