@@ -387,7 +387,7 @@ class RunSpec(_Spec):
     """Everything a GPRL run needs."""
 
     # Change marks (gprl.api.marks): a section's mark holds for each of its fields that has none of its own.
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of data order, sampling and initialisation.",
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of data order, sampling and initialisation.",
                       json_schema_extra=IMMUTABLE)
     model: ModelSpec = Field(default_factory=ModelSpec, description="Policy and reference models.",
                              json_schema_extra=IMMUTABLE)

@@ -59,7 +59,6 @@ RULES: tuple[Rule, ...] = (
         "metadata.name must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter "
         "(it names the run's Job, Services and pods)",
         lambda name, spec: re.match(DNS_LABEL, name) is not None,
-        field_path=".metadata.name",
     ),
     Rule(
         "", "metadata.name",
@@ -68,7 +67,6 @@ RULES: tuple[Rule, ...] = (
         f"metadata.name is too long: at most {MAX_NAME['colocated']} characters ({MAX_NAME['disaggregated']} with "
         "resources.topology: disaggregated), so that every name and label derived from it stays within 63",
         lambda name, spec: len(name) <= max_name(spec.resources.topology),
-        field_path=".metadata.name",
     ),
     Rule(
         "spec.output.dir", "spec.output.dir",
