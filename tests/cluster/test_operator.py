@@ -113,6 +113,10 @@ def test_update_of_drift_settings_reaches_the_config_map(control_plane, operator
     cp = control_plane
     assert create_run(cp, namespace, "beta", {"drift": {"tau": 0.05}})[0] == 201
     wait_for(lambda: reconciled(cp, namespace, "beta"), T, what="beta reconciled")
+    # drift settings are restart-required (gprl.api.marks): refused on a live run, accepted once suspended
+    status, body = patch_run(cp, namespace, "beta", {"spec": {"drift": {"tau": 0.25, "kappa": 2.0}}})
+    assert status == 422 and "set spec.suspend: true first" in body["message"], body
+    assert patch_run(cp, namespace, "beta", {"spec": {"suspend": True}})[0] == 200
     status, body = patch_run(cp, namespace, "beta", {"spec": {"drift": {"tau": 0.25, "kappa": 2.0}}})
     assert status == 200, body
 
@@ -122,7 +126,7 @@ def test_update_of_drift_settings_reaches_the_config_map(control_plane, operator
 
     drift = wait_for(lambda: (lambda d: d if d["tau"] == 0.25 else None)(tau()), T, what="new tau in ConfigMap")
     assert drift["kappa"] == 2.0
-    wait_for(lambda: reconciled(cp, namespace, "beta", generation=2), T, what="observedGeneration 2")
+    wait_for(lambda: reconciled(cp, namespace, "beta", generation=3), T, what="observedGeneration 3")
     assert counts(cp, namespace, "beta") == EXPECTED
 
 
