@@ -280,6 +280,7 @@ class OperatorProcess:
 STAGED_NODE_ANNOTATION = ("gprl.dev/kwok-stages", "true")
 STAGED_NODE_LABEL = ("gprl.dev/kwok-stages", "true")
 FAIL_IMAGE = "gprl.test/trainer:fail"
+STOPPED_IMAGE = "gprl.test/trainer:stopped"  # exits 143: stopped by SIGTERM after a checkpoint (gprl train)
 
 
 def _stages(run_ms: int) -> str:
@@ -345,7 +346,7 @@ spec:
       values: ['Running']
     - key: '.spec.containers.[0].image'
       operator: '%(op)s'
-      values: ['%(fail_image)s']
+      values: %(images)s
     - key: '.metadata.ownerReferences.[].kind'
       operator: 'In'
       values: ['Job']
@@ -401,11 +402,13 @@ spec:
       empty: true
     delete: true
 """
-    ok = finish % dict(name="complete", op="NotIn", fail_image=FAIL_IMAGE, delay=run_ms, code=0, reason="Completed",
-                       message='"training finished"', phase="Succeeded")
-    bad = finish % dict(name="fail", op="In", fail_image=FAIL_IMAGE, delay=1000, code=1, reason="Error",
+    ok = finish % dict(name="complete", op="NotIn", images=[FAIL_IMAGE, STOPPED_IMAGE], delay=run_ms, code=0,
+                       reason="Completed", message='"training finished"', phase="Succeeded")
+    bad = finish % dict(name="fail", op="In", images=[FAIL_IMAGE], delay=1000, code=1, reason="Error",
                         message='"CUDA error: an illegal memory access was encountered"', phase="Failed")
-    return "---".join([ready, ok, bad, delete])
+    stopped = finish % dict(name="stopped", op="In", images=[STOPPED_IMAGE], delay=1000, code=143, reason="Error",
+                            message='"stopped by SIGTERM after step 7; checkpoint written"', phase="Failed")
+    return "---".join([ready, ok, bad, stopped, delete])
 
 
 class StagedKwok:

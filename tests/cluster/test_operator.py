@@ -14,6 +14,7 @@ import yaml
 
 from gprl_k8s_testlib import (
     FAIL_IMAGE,
+    STOPPED_IMAGE,
     OPERATOR_NS,
     OPERATOR_SA,
     RUNS,
@@ -388,3 +389,21 @@ def test_disaggregated_run_is_accepted_and_its_pod_graph_comes_up(control_plane,
         pod = cp.request("GET", f"/api/v1/namespaces/{namespace}/pods/disagg-rollout-{i}")
         assert pod["spec"]["hostname"] == f"disagg-rollout-{i}" and pod["spec"]["subdomain"] == "disagg-rollout"
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "StatefulSet"
+
+
+def test_a_pod_stopped_by_sigterm_is_replaced_without_using_the_backoff_limit(control_plane, operator,
+                                                                              staged_nodes, namespace):
+    """`gprl train --exit-code-on-stop 143` after a SIGTERM: the Job's podFailurePolicy ignores the exit, so the
+    Job starts a replacement pod (which resumes from the checkpoint) and the run does not fail, even with
+    backoffLimit 0. (Here every pod of the image exits 143, so replacements keep coming.)"""
+    cp = control_plane
+    bound_claim(cp, namespace, "ckpt")
+    spec = staged_spec(image=STOPPED_IMAGE, learnerReplicas=1, backoffLimit=0, terminationGracePeriodSeconds=120)
+    assert create_run(cp, namespace, "preempted", spec)[0] == 201
+    path = f"/api/v1/namespaces/{namespace}/pods?labelSelector=gprl.dev%2Frun%3Dpreempted"
+    pods = wait_for(lambda: (lambda p: p if len(p) >= 2 else None)(cp.request("GET", path)["items"]), 2 * T,
+                    what="a replacement pod")
+    assert pods[0]["spec"]["terminationGracePeriodSeconds"] == 120
+    job = cp.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/preempted")
+    assert not any(c["type"] == "Failed" and c["status"] == "True" for c in job["status"].get("conditions", []))
+    assert (get_run(cp, namespace, "preempted").get("status") or {}).get("phase") != "Failed"
