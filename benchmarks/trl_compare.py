@@ -33,6 +33,7 @@ def run_gprl(args) -> dict:
     out = tempfile.mkdtemp(prefix="bench-gprl-")
     spec = parse_config({
         "seed": 0,
+        "model": {"policy": "world:policy"}, "gpm": {"path": "world:gpm"}, "data": {"prompts": "world:prompts"},
         "algo": {"steps": args.steps, "prompts_per_step": c["prompts"], "group_size": c["group"], "learning_rate": c["lr"],
                  "kl_coef": c["beta"], "micro_batch_size": c["prompts"] * c["group"]},
         "rollout": {"max_new_tokens": c["max_new_tokens"], "top_k": 0},
@@ -70,14 +71,14 @@ def run_trl(args) -> dict:
 
     from gprl.algo import group_axis_scores
     from gprl.gpm import GeneralPreferenceModel
-    from gprl.sources import resolve_sources
-    from gprl.config import RunSpec
+    from gprl.sources import provider, resolve_model
 
     c = common(args)
-    src = resolve_sources(RunSpec(), log=lambda *_: None)
-    tok = AutoTokenizer.from_pretrained(src.policy)
-    model = AutoModelForCausalLM.from_pretrained(src.policy)
-    gpm = GeneralPreferenceModel.from_pretrained(src.gpm).eval()
+    quiet = lambda *_: None  # noqa: E731
+    policy, gpm_dir = resolve_model("world:policy", "policy", quiet), resolve_model("world:gpm", "gpm", quiet)
+    tok = AutoTokenizer.from_pretrained(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    gpm = GeneralPreferenceModel.from_pretrained(gpm_dir).eval()
     G = c["group"]
     tokens = {"n": 0}
 
@@ -91,7 +92,7 @@ def run_trl(args) -> dict:
         return group_axis_scores(v, lam).sum(-1).reshape(-1).tolist()
 
     n_prompts = c["prompts"] * (args.steps + 2)
-    ds = Dataset.from_dict({"prompt": (src.train_prompts * 10)[:n_prompts]})
+    ds = Dataset.from_dict({"prompt": (list(provider("world").prompt_sets["prompts"][0]) * 10)[:n_prompts]})
     cfg = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=c["prompts"] * G,
         num_generations=G, max_completion_length=c["max_new_tokens"], steps_per_generation=1, num_iterations=1,

@@ -93,7 +93,7 @@ def cmd_gpm_train(args) -> int:
 def cmd_eval(args) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gprl.evaluate import gpm_win_rate, oracle_win_rate, sample
+    from gprl.evaluate import gpm_win_rate, sample
     from gprl.gpm import GeneralPreferenceModel
     from gprl.sources import resolve_sources
 
@@ -109,11 +109,11 @@ def cmd_eval(args) -> int:
 
     prompts = src.heldout_prompts or load_prompts(spec.data, tok)
     prompts = prompts[: args.num_prompts]
-    rep, mine = sample(policy, tok, prompts, args.samples, args.max_new_tokens, 1.0, args.seed)
-    _, ref = sample(reference, tok, prompts, args.samples, args.max_new_tokens, 1.0, args.seed + 1)
+    rep, mine = sample(policy, tok, prompts, args.samples, args.max_new_tokens, 1.0, args.seed, text=src.text)
+    _, ref = sample(reference, tok, prompts, args.samples, args.max_new_tokens, 1.0, args.seed + 1, text=src.text)
     result = {"prompts": len(prompts), "samples": len(rep), "gpm_win_rate": gpm_win_rate(gpm, tok, rep, mine, ref)}
     if src.oracle is not None:
-        result["oracle_win_rate"] = oracle_win_rate(src.oracle, rep, mine, ref)
+        result["oracle_win_rate"] = src.oracle.win_rate(rep, mine, ref)
     print(json.dumps(result))
     return 0
 
@@ -167,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--seed", type=int, default=0)
     gt.set_defaults(func=cmd_gpm_train)
 
-    e = sub.add_parser("eval", help="win rate of a policy against a reference policy under a GPM (and the oracle)")
-    e.add_argument("--policy", required=True)
-    e.add_argument("--reference", default="world:policy")
-    e.add_argument("--gpm", default="world:gpm")
-    e.add_argument("--prompts", default="world:prompts")
+    # Every side of the comparison is named: nothing defaults to the synthetic world (world:policy, world:gpm,
+    # world:prompts ask for it, and then the world's oracle judges too).
+    e = sub.add_parser("eval", help="win rate of a policy against a reference policy under a GPM (and a provider's judge)")
+    e.add_argument("--policy", required=True, help="model folder, hub id or world:policy")
+    e.add_argument("--reference", required=True, help="model folder, hub id or world:policy")
+    e.add_argument("--gpm", required=True, help="GPM folder, hub id, world:gpm or world:bt")
+    e.add_argument("--prompts", required=True, help="prompt file/folder, hf:<dataset> or world:prompts")
     e.add_argument("--num-prompts", type=int, default=128)
     e.add_argument("--samples", type=int, default=2)
     e.add_argument("--max-new-tokens", type=int, default=32)

@@ -128,15 +128,16 @@ class LoraSpec(_Spec):
 
 
 class ModelSpec(_Spec):
-    policy: Text = Field(
-        "world:policy",
+    policy: Optional[Text] = Field(
+        None,
         min_length=1,
-        description="Policy to train: a local Hugging Face model folder, or `world:policy` for the synthetic "
-        "world's SFT policy (built locally on first use).",
+        description="Policy to train (required to run): a local Hugging Face model folder, a hub id `org/name` "
+        "(`@revision` optional; resolved through the Hugging Face cache, honouring HF_HUB_OFFLINE), or "
+        "`world:policy` for the synthetic world's SFT policy.",
     )
     reference: Optional[Text] = Field(
         None,
-        description="Frozen reference policy for the KL term; defaults to the initial policy.",
+        description="Frozen reference policy for the KL term (a folder or hub id); defaults to the initial policy.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype of policy and reference (float32 on CPU)."
@@ -148,11 +149,12 @@ class ModelSpec(_Spec):
 
 
 class DataSpec(_Spec):
-    prompts: Text = Field(
-        "world:prompts",
+    prompts: Optional[Text] = Field(
+        None,
         min_length=1,
-        description="Prompt source: a JSONL file (one object per line with `prompt` text or chat `messages`), "
-        "`hf:<name or path>` for a `datasets` dataset, or `world:prompts` for the synthetic world.",
+        description="Prompt source (required to run): a JSONL, JSON or parquet file or a folder of them (rows with "
+        "`prompt` text, chat `messages`, or TRL's conversational `prompt` list), a `save_to_disk` folder, "
+        "`hf:<hub dataset>`, or `world:prompts` for the synthetic world.",
         json_schema_extra=IMMUTABLE,
     )
     split: Text = Field("train", description="Dataset split, for `hf:` sources.", json_schema_extra=IMMUTABLE)
@@ -169,11 +171,11 @@ class DataSpec(_Spec):
 
 
 class GPMSpec(_Spec):
-    path: Text = Field(
-        "world:gpm",
+    path: Optional[Text] = Field(
+        None,
         min_length=1,
-        description="Trained GPM folder (`save_pretrained` layout or the GPM authors' layout), or `world:gpm` / "
-        "`world:bt` for the synthetic world's preference models.",
+        description="Trained GPM (required to run unless gpm.serverUrl is set): a folder (`save_pretrained` layout "
+        "or the GPM authors' layout), a hub id, or `world:gpm` / `world:bt` for the synthetic world's models.",
         json_schema_extra=IMMUTABLE,
     )
     axes: int = Field(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from gprl.config import RunSpec, parse_config
 
+# The world is asked for by name (its sources are never a run's defaults); the variants pick its GPM or BT model.
+WORLD = {"model": {"policy": "world:policy"}, "data": {"prompts": "world:prompts"}}
 VARIANTS = {
     "gprl": {"gpm": {"path": "world:gpm", "axes": 3}, "algo": {"normalization": "per_axis"}, "drift": {"mode": "in_process"}},
     "grpo_bt": {"gpm": {"path": "world:bt", "axes": 1}, "algo": {"normalization": "per_axis"}, "drift": {"mode": "off"}},
@@ -32,7 +34,7 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def variant_spec(name: str, base: dict, out_dir: Path, seed: int) -> RunSpec:
-    raw = _merge(_merge(base, VARIANTS[name]), {"seed": seed, "output": {"dir": str(out_dir / name / f"seed{seed}")}})
+    raw = _merge(_merge(_merge(WORLD, base), VARIANTS[name]), {"seed": seed, "output": {"dir": str(out_dir / name / f"seed{seed}")}})
     return parse_config(raw)
 
 

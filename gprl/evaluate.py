@@ -1,8 +1,8 @@
-"""Win rate of a policy against a reference policy: under a GPM, and under the oracle in the synthetic world."""
+"""Win rate of a policy against a reference policy under a GPM (a source provider's judge adds its own, see sources.py)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -12,8 +12,10 @@ from gprl.gpm.training import pair_axis_scores
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int, temperature: float, seed: int,
-           batch_size: int = 256, synced_gpus: bool = False) -> tuple[list[str], list[str]]:
+           batch_size: int = 256, synced_gpus: bool = False,
+           text: Callable[[str], str] | None = None) -> tuple[list[str], list[str]]:
     """n sampled responses per prompt; returns (prompts repeated, responses). Seeded, restores the global RNG.
+    Responses are the text as the model wrote it, or `text(response)` under a source provider's convention.
     synced_gpus: every rank keeps stepping until all are done (ZeRO-3: each forward is a collective)."""
     rng_state = torch.get_rng_state()
     torch.manual_seed(seed)
@@ -33,7 +35,7 @@ def sample(model, tokenizer, prompts: Sequence[str], n: int, max_new_tokens: int
                 **({"synced_gpus": True} if synced_gpus else {}),
             )
             texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            out.extend(" ".join(t.split()) for t in texts)
+            out.extend(map(text, texts) if text is not None else texts)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -62,8 +64,3 @@ def axis_win_rates(gpm: GeneralPreferenceModel, tokenizer, prompts: Sequence[str
     """Per axis l, mean σ(λ_l(x) (a_l(a) b_l(b) − b_l(a) a_l(b)) / β). Returns k floats."""
     return win_rates(gpm, tokenizer, prompts, a, b)[1]
 
-
-def oracle_win_rate(oracle, prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> float:
-    from gprl.world.oracle import win_rate
-
-    return float(win_rate(oracle, prompts, a, b))

@@ -34,7 +34,7 @@ from gprl.checkpoint import (
 )
 from gprl.api.marks import resume_fields
 from gprl.config import RunSpec, atomic_write_text, dump_config, parse_config
-from gprl.data import PromptSampler, load_prompts
+from gprl.data import PromptSampler, context_length, load_prompts
 from gprl.gpm import GeneralPreferenceModel
 from gprl.gpm.model import CONFIG_FILE as GPM_CONFIG_FILE
 from gprl.learner import make_learner
@@ -165,11 +165,8 @@ class Trainer:
                 f"set gpm.axes: {self.gpm.config.axes}"
             )
 
-        try:
-            prompts = load_prompts(spec.data, self.tokenizer, spec.model.chat_template, src.train_prompts)
-        except IsADirectoryError:
-            raise ValueError(f"data.prompts {spec.data.prompts} is a folder; give a file, or hf:<folder> for a "
-                             "`datasets` folder") from None
+        prompts = load_prompts(spec.data, self.tokenizer, spec.model.chat_template, src.train_prompts, log=self.log,
+                               max_new_tokens=spec.rollout.max_new_tokens, context=context_length(self.policy.config))
         self.sampler = PromptSampler(prompts, spec.seed, spec.data.shuffle)
         # The learner first: a DeepSpeed learner starts the process group (multi-rank runs under torchrun or an
         # indexed Job). Each rank takes a contiguous share of every step's prompts (whole groups).
@@ -223,6 +220,8 @@ class Trainer:
                 per = len(prompts) // self.world
                 prompts = prompts[self.rank * per : (self.rank + 1) * per]
             batch = self.rollout.generate(prompts, algo.group_size)
+            if self.sources.text is not None:  # a source provider's policy writes in its own text convention
+                batch.responses = [self.sources.text(r) for r in batch.responses]
             if batch.sequences.device != self.device:
                 batch = batch.to(self.device)
         with timer("score"):
@@ -323,7 +322,7 @@ class Trainer:
         }
         if self.sources.oracle is not None:
             with timer("oracle"):
-                rec.update(self.sources.oracle_stats(batch.prompts, batch.responses))
+                rec.update(self.sources.oracle.batch_stats(batch.prompts, batch.responses))
         rec["timings"] = dict(timer.timings)
         return rec
 
@@ -339,7 +338,8 @@ class Trainer:
 
         ro, learner = self.spec.rollout, self.spec.learner
         zero3 = self.world > 1 and learner.backend == "deepspeed" and learner.zero_stage == 3
-        return sample(model, self.tokenizer, prompts, n, ro.max_new_tokens, ro.temperature, seed, synced_gpus=zero3)
+        return sample(model, self.tokenizer, prompts, n, ro.max_new_tokens, ro.temperature, seed, synced_gpus=zero3,
+                      text=self.sources.text)
 
     def _sample_reference(self, prompts: list[str], n: int, seed: int) -> list[str]:
         """n reference-policy samples per prompt (the policy with its adapters off, under LoRA)."""
@@ -364,7 +364,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Win rate of the current policy against the reference on held-out prompts (same seeds each time)."""
-        from gprl.evaluate import oracle_win_rate, win_rates
+        from gprl.evaluate import win_rates
 
         spec = self.spec
         prompts = self._eval_prompts()
@@ -375,9 +375,10 @@ class Trainer:
         overall, per_axis = win_rates(self.gpm, self.gpm_tokenizer, rep, mine, ref)
         rec = {"step": self.step, "gpm_win_rate": overall, "gpm_axis_win_rate": per_axis}
         if self.sources.oracle is not None:
-            rec["oracle_win_rate"] = oracle_win_rate(self.sources.oracle, rep, mine, ref)
-            rec.update({f"policy_{k}": v for k, v in self.sources.oracle_stats(rep, mine).items()})
-            rec.update({f"reference_{k}": v for k, v in self.sources.oracle_stats(rep, ref).items()})
+            oracle = self.sources.oracle
+            rec["oracle_win_rate"] = oracle.win_rate(rep, mine, ref)
+            rec.update({f"policy_{k}": v for k, v in oracle.batch_stats(rep, mine).items()})
+            rec.update({f"reference_{k}": v for k, v in oracle.batch_stats(rep, ref).items()})
         return rec
 
     # ------------------------------------------------------------------ the run

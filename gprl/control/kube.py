@@ -52,9 +52,8 @@ HISTORY_MAX = 512  # steps held back while reports are rate-limited or the API s
 
 # trainer record keys copied into status.training (TrainingReport's fields of the same snake_case name)
 SCALARS = ("kl", "clip_fraction", "entropy", "loss", "policy_loss", "grad_norm", "learning_rate", "response_length",
-           "tokens", "tokens_per_second", "advantage_abs_mean", "step_seconds", "kl_coef", "eps_low", "eps_high",
-           "exploit")
-LISTS = ("axis_variance", "axis_win_rate", "eigenvalues", "weights", "oracle_axes")
+           "tokens", "tokens_per_second", "advantage_abs_mean", "step_seconds", "kl_coef", "eps_low", "eps_high")
+LISTS = ("axis_variance", "axis_win_rate", "eigenvalues", "weights")
 
 
 def now_rfc3339() -> str:

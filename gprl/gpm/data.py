@@ -1,4 +1,4 @@
-"""Preference pairs from JSONL files or `datasets` datasets.
+"""Preference pairs (and the row readers of every data source): JSONL, JSON, parquet, folders, `datasets`.
 
 A line holds `prompt`, `chosen`, `rejected` (text) and optionally `prob`, the probability
 that `chosen` is preferred (soft label, default 1). Chat format is accepted too: `chosen` and
@@ -65,36 +65,121 @@ def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+    with open(path, encoding="utf-8") as fh:
+        lineno = 0
+        try:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{lineno}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{lineno + 1}: not UTF-8 text; JSON Lines expected (parquet files need a .parquet "
+                            f"name)") from None
+
+
+DATA_FILES = (".jsonl", ".json", ".parquet")
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """A .json file: an array of objects (or {"data"|"rows": [...]}); JSON Lines under a .json name are read too."""
+    text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # one object per line (what `Dataset.to_json` writes)
+            yield from jsonl_records(path)
+            return
+        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+    if isinstance(data, dict):
+        rows = next((data[k] for k in ("data", "rows", "train") if isinstance(data.get(k), list)), None)
+        if rows is None:
+            raise DataError(f"{path}: a JSON file needs an array of objects (or an object with a `data` array)")
+        data = rows
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a JSON file needs an array of objects, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        yield f"{path}[{i}]", rec
+
+
+def _parquet_records(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable parquet file ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    for i, rec in enumerate(table.to_pylist()):
+        yield f"{path} row {i}", rec
+
+
+def _file_records(path: Path) -> Iterator[tuple[str, Any]]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet_records(path)
+    if suffix == ".json":
+        return _json_records(path)
+    return jsonl_records(path)  # .jsonl, and any other name: JSON Lines
 
 
 def load_hf(name: str, split: str):
-    """A `datasets` dataset: a folder written by `save_to_disk`, or a name/path for `load_dataset`."""
+    """A `datasets` dataset: a folder written by `save_to_disk`, or a hub dataset through `load_dataset` (the local
+    cache only under HF_HUB_OFFLINE=1). Failures are one-line DataErrors, never a traceback."""
     import datasets
 
     path = Path(name)
-    if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(path))
-        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(name, split=split)
+    try:
+        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"hf:{name}: no split {split!r} (splits: {sorted(ds)}); set data.split")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(name, split=split)
+    except DataError:
+        raise
+    except Exception as exc:  # offline cache misses, network errors, unknown names or splits
+        from gprl.sources import offline
+
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        hint = ("offline mode is on (HF_HUB_OFFLINE=1): only datasets already in the Hugging Face cache load"
+                if offline() else "check the name, the split and the network")
+        raise DataError(f"hf:{name}: cannot load the dataset ({why}); {hint}") from None
+
+
+def records(source: str, split: str = "train") -> Iterator[tuple[str, Any]]:
+    """(place, record) of every row of a data source: `hf:<save_to_disk folder or hub dataset>`, a JSONL, JSON or
+    parquet file, or a folder of such files (read in name order). `place` names the file and line or row."""
+    if source.startswith("hf:"):
+        ds = load_hf(source[3:], split)
+        for i, rec in enumerate(ds):
+            yield f"{source}[{split}] row {i}", rec
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+            yield from records(f"hf:{path}", split)
+            return
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in DATA_FILES)
+        if not files:
+            raise DataError(f"{path}: a folder with no {'/'.join(DATA_FILES)} files and no save_to_disk dataset")
+        for f in files:
+            yield from _file_records(f)
+        return
+    if not path.exists():
+        raise DataError(f"{source}: no such file or folder (a JSONL/JSON/parquet file, a folder of them, or hf:<dataset>)")
+    yield from _file_records(path)
 
 
 def load_pairs(source: str | os.PathLike, split: str = "train", chat_template=None) -> list[PreferencePair]:
-    """Read pairs from a JSONL path, or `hf:<name or path>` through `datasets.load_dataset`."""
+    """Read pairs from a JSONL/JSON/parquet file or folder, or `hf:<name or path>` (see `records`)."""
     source = str(source)
-    if source.startswith("hf:"):
-        ds = load_hf(source[3:], split)
-        return [pair_from_record(rec, f"{source}[{split}] row {i}", chat_template) for i, rec in enumerate(ds)]
-    pairs = [pair_from_record(rec, where, chat_template) for where, rec in jsonl_records(source)]
+    pairs = [pair_from_record(rec, where, chat_template) for where, rec in records(source, split)]
     if not pairs:
-        raise DataError(f"{source}: no preference pairs in the file")
+        raise DataError(f"{source}: no preference pairs in it")
     return pairs
 
 

@@ -65,7 +65,7 @@ class HFRollout:
         texts = tok.batch_decode(response, skip_special_tokens=True)
         return RolloutBatch(
             prompts=[p for p in prompts for _ in range(group_size)],
-            responses=[" ".join(t.split()) for t in texts],
+            responses=texts,  # as the model wrote them: whitespace is content
             sequences=torch.cat([out[:, :width], response], dim=1),
             attention_mask=torch.cat([prompt_mask, response_mask], dim=1),
             response_mask=response_mask,

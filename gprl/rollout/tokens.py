@@ -42,7 +42,7 @@ def assemble_batch(tokenizer, prompts: Sequence[str], prompt_ids: list[list[int]
     texts = tokenizer.batch_decode(response, skip_special_tokens=True)
     return RolloutBatch(
         prompts=[p for p in prompts for _ in range(group_size)],
-        responses=[" ".join(t.split()) for t in texts],
+        responses=texts,  # as the model wrote them: whitespace is content
         sequences=torch.cat([torch.tensor(rows, dtype=torch.long), response], dim=1),
         attention_mask=torch.cat([torch.tensor(pmask, dtype=torch.long), response_mask], dim=1),
         response_mask=response_mask,

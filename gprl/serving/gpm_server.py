@@ -150,8 +150,8 @@ def serve_gpm_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from gprl.config import RunSpec, load_config
-    from gprl.sources import resolve_sources
+    from gprl.config import load_config
+    from gprl.sources import resolve_model
 
     spec = load_config(args.config) if args.config else None
     if spec is not None:
@@ -161,11 +161,10 @@ def serve_gpm_main(argv: list[str] | None = None) -> int:
         p.error("give --gpm or --config")
     args.batch_size = args.batch_size or 32
     path, tok_path = args.gpm, None
-    if spec is not None:
-        src = resolve_sources(spec.model_copy(update={"gpm": spec.gpm.model_copy(update={"path": path})}))
-        path, tok_path = src.gpm, src.policy
-    elif path.startswith("world:"):
-        path = resolve_sources(RunSpec.model_validate({"gpm": {"path": path}})).gpm
+    # a folder, a hub id or a provider's source (world:gpm); the policy's tokenizer when the GPM folder has none
+    path = resolve_model(path, "--gpm")
+    if spec is not None and spec.model.policy:
+        tok_path = resolve_model(spec.model.policy, "model.policy")
     gpm, tok = load_gpm(path, args.dtype, tok_path)
     server = build_server(gpm, tok, args.host, args.port, model_name=str(path), batch_size=args.batch_size,
                           max_batch=args.max_batch, window_s=args.batch_window_ms / 1000, max_length=args.max_length)

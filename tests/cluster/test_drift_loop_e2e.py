@@ -279,7 +279,7 @@ WORLD_STEPS = 120
 @pytest.fixture(scope="module")
 def world_cache():
     """The default synthetic world, built once into the usual cache (what a pod would find on its volume)."""
-    from gprl.world import build_world
+    from gprl_world import build_world
 
     root = Path(os.environ.get("GPRL_CACHE", Path.home() / ".cache" / "gprl"))
     build_world(cache_dir=root / "world", seed=0, log=lambda m: None)

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 
-from gprl.world import (
+from gprl_world import (
     Oracle,
     PolicySpec,
     PreferenceModelSpec,
@@ -33,8 +33,8 @@ from gprl.world import (
     topic_mentions,
     win_rate,
 )
-from gprl.world import vocab as V
-from gprl.world.oracle import cycle
+from gprl_world import vocab as V
+from gprl_world.oracle import cycle
 
 ORACLE = Oracle()
 FREE = make_prompt("ocean", 6)  # asks for no style: the cyclic taste applies
@@ -143,7 +143,7 @@ def test_sft_corpus_varies_on_every_axis():
 
 
 def test_tiny_policy_samples_are_diverse():
-    from gprl.world.policy import build_policy, sample_responses, sft
+    from gprl_world.policy import build_policy, sample_responses, sft
 
     tok = build_tokenizer()
     spec = PolicySpec(sft_steps=15, sft_batch_size=32, sft_warmup=3)
@@ -235,7 +235,7 @@ def test_default_world_has_the_designed_properties(tmp_path):
     that mostly follow the oracle, the exploit's footprint in the pairs, and models above chance."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gprl.world.policy import sample_responses
+    from gprl_world.policy import sample_responses
 
     w = build_world(tmp_path, seed=0, log=lambda m: None)
     sft = w.info["sft"]

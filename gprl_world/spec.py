@@ -1,6 +1,6 @@
 """Settings of the synthetic world; every built artefact is keyed by a hash of them.
 
-Defaults are chosen on principle (see docs in `gprl/world/__init__.py`), not tuned so
+Defaults are chosen on principle (see docs in `gprl_world/__init__.py`), not tuned so
 that any method wins. Change them through `WorldSpec(...)` / `dataclasses.replace`.
 """
 
