@@ -74,7 +74,10 @@ def cmd_gpm_train(args) -> int:
 
     from gprl.gpm import GeneralPreferenceModel, GPMConfig, load_pairs, train_gpm
 
+    from gprl.sources import resolve_model
+
     torch.manual_seed(args.seed)
+    args.backbone = resolve_model(args.backbone, "--backbone")
     tok = AutoTokenizer.from_pretrained(args.backbone)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -118,6 +121,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from gprl.export import export_policy
+
+    print(export_policy(args.source, args.out, push_to=args.push_to, private=not args.public))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from gprl.demo import demo
 
@@ -156,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     gt = gsub.add_parser("train", help="train a GPM on preference pairs (JSONL or hf:<dataset>)")
     gt.add_argument("--data", required=True)
     gt.add_argument("--eval-data")
-    gt.add_argument("--backbone", required=True, help="local HF model folder (causal LM or encoder)")
+    gt.add_argument("--backbone", required=True, help="HF model folder or hub id (causal LM or encoder)")
     gt.add_argument("--out", required=True)
     gt.add_argument("--axes", type=int, default=3, help="k (1 = Bradley-Terry)")
     gt.add_argument("--beta", type=float, default=0.1)
@@ -184,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--steps", type=int, default=None, help="training steps per run (default: the demo's budget)")
     d.set_defaults(func=cmd_demo)
+
+    x = sub.add_parser("export", help="a trained policy as a folder transformers and vLLM load (LoRA merged)")
+    x.add_argument("source", help="run folder (its newest valid checkpoint), checkpoint folder or policy folder")
+    x.add_argument("--out", required=True, help="new folder to write")
+    x.add_argument("--push-to", metavar="ORG/NAME", help="also upload to this hub repo (not in offline mode)")
+    x.add_argument("--public", action="store_true", help="create the hub repo public (default: private)")
+    x.set_defaults(func=cmd_export)
 
     r = sub.add_parser("report", help="(re)write the plots and summary of a run folder")
     r.add_argument("run_dir")

@@ -100,21 +100,38 @@ _HUB_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*(?:@[\w./-]+)?"
 
 
 def offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in ("1", "ON", "YES", "TRUE")
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def hub_cache() -> str:
+    """The Hugging Face hub cache as set now: HF_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
 def hub_snapshot(repo_id: str, field: str, log: Callable[[str], None] = print, repo_type: str = "model") -> str:
     """Local folder of a hub repo (`org/name[@revision]`) from the Hugging Face cache, downloading it when online."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     name, _, revision = repo_id.partition("@")
-    where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    cache = hub_cache()
+    where = f"the Hugging Face cache ({cache})"
     if offline():
         try:
-            return snapshot_download(name, revision=revision or None, repo_type=repo_type, local_files_only=True)
+            return snapshot_download(name, revision=revision or None, repo_type=repo_type, local_files_only=True,
+                                     cache_dir=cache)
         except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
             raise SourceError(
                 f"{field}: {repo_id!r} is not a local folder, and as a hub id it is not in {where}; offline mode is on "
@@ -123,7 +140,7 @@ def hub_snapshot(repo_id: str, field: str, log: Callable[[str], None] = print, r
             ) from None
     log(f"{field}: resolving hub id {repo_id} through {where} (downloads what is missing)")
     try:
-        return snapshot_download(name, revision=revision or None, repo_type=repo_type)
+        return snapshot_download(name, revision=revision or None, repo_type=repo_type, cache_dir=cache)
     except Exception as exc:  # network, authentication, unknown repo: one line, not a traceback
         raise SourceError(
             f"{field}: could not fetch {repo_id!r} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0]}); "

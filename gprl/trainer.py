@@ -130,6 +130,9 @@ class Trainer:
                 policy,
                 LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
             )
+            # The adapters name their base as the config does (a hub id, a provider source or the path as written),
+            # not the absolute folder it resolved to here: `gprl export` and other machines resolve it again.
+            policy.peft_config["default"].base_model_name_or_path = spec.model.policy
             if src.reference != src.policy:
                 reference = AutoModelForCausalLM.from_pretrained(src.reference, dtype=dtype)
         else:

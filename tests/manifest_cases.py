@@ -8,6 +8,20 @@ real API server (tests/cluster/test_crd_validation.py): both must give the same 
 N47 = "r" + "x" * 46  # the longest colocated name
 N44 = "d" + "x" * 43  # the longest disaggregated name
 DIS = {"topology": "disaggregated"}
+# Every run names its sources (the API server refuses one that does not, gprl.api.manifest.RULES). `manifest` adds
+# these under a case's spec; a case's own value wins, and None removes the field.
+SOURCES = {"model": {"policy": "org/policy"}, "gpm": {"path": "org/gpm"}, "data": {"prompts": "prompts.jsonl"}}
+
+
+def with_sources(spec: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in SOURCES.items()}
+    for key, value in spec.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return {k: ({f: x for f, x in v.items() if x is not None} if isinstance(v, dict) else v) for k, v in out.items()}
+
 
 VALID = [
     ("ok-longest-colocated", N47, {}, None),
@@ -51,6 +65,9 @@ BAD = [
     ("image-with-space", "b-img", {"resources": {"image": "my image:1"}}, "image"),
     ("suspend-not-boolean", "b-susp", {"suspend": "yes"}, "suspend"),
     ("seed-negative", "b-seed", {"seed": -1}, "seed"),
+    ("no-policy", "b-nopol", {"model": {"policy": None}}, "model.policy"),
+    ("no-gpm", "b-nogpm", {"gpm": {"path": None}}, "gpm.path"),
+    ("no-prompts", "b-noprompts", {"data": {"prompts": None}}, "data.prompts"),
 ]
 
 CASES = VALID + BAD
@@ -58,4 +75,4 @@ CASES = VALID + BAD
 
 def manifest(name: str, spec: dict, namespace: str | None = None) -> dict:
     meta = {"name": name, **({"namespace": namespace} if namespace else {})}
-    return {"apiVersion": "gprl.dev/v1alpha1", "kind": "GPRLRun", "metadata": meta, "spec": spec}
+    return {"apiVersion": "gprl.dev/v1alpha1", "kind": "GPRLRun", "metadata": meta, "spec": with_sources(spec)}

@@ -90,6 +90,26 @@ RULES: tuple[Rule, ...] = (
         lambda name, spec: spec.output.metrics_port == 0
         or (spec.output.metrics_port >= 1024 and spec.output.metrics_port not in RESERVED_PORTS),
     ),
+    # A run names its sources: nothing defaults to the synthetic world (gprl.sources.missing_sources, the same check
+    # for `gprl train`).
+    Rule(
+        "", "spec.model.policy",
+        "has(self.spec.model) && has(self.spec.model.policy)",
+        "spec.model.policy is required: a model folder on the run's volume, a hub id (org/name), or world:policy",
+        lambda name, spec: spec.model.policy is not None,
+    ),
+    Rule(
+        "", "spec.gpm.path",
+        "has(self.spec.gpm) && (has(self.spec.gpm.path) || has(self.spec.gpm.serverUrl))",
+        "spec.gpm.path is required (or spec.gpm.serverUrl): a GPM folder, a hub id, or world:gpm",
+        lambda name, spec: spec.gpm.path is not None or spec.gpm.server_url is not None,
+    ),
+    Rule(
+        "", "spec.data.prompts",
+        "has(self.spec.data) && has(self.spec.data.prompts)",
+        "spec.data.prompts is required: a prompt file or folder, hf:<dataset>, or world:prompts",
+        lambda name, spec: spec.data.prompts is not None,
+    ),
 )
 
 

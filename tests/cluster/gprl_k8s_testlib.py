@@ -17,6 +17,9 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from manifest_cases import with_sources  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_SRC = ROOT / "operator"
 CHART = ROOT / "charts" / "gprl"
@@ -66,7 +69,7 @@ def run_manifest(name: str, spec: Optional[dict] = None, namespace: Optional[str
     meta: dict[str, Any] = {"name": name}
     if namespace:
         meta["namespace"] = namespace
-    return {"apiVersion": "gprl.dev/v1alpha1", "kind": "GPRLRun", "metadata": meta, "spec": spec or {}}
+    return {"apiVersion": "gprl.dev/v1alpha1", "kind": "GPRLRun", "metadata": meta, "spec": with_sources(spec or {})}
 
 
 def create_run(cp, namespace: str, name: str, spec: Optional[dict] = None, strict: bool = True) -> tuple[int, Any]:

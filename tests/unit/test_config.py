@@ -58,7 +58,8 @@ def test_bad_yaml_file_names_the_file(tmp_path):
 def test_gprlrun_manifest_reads_its_spec(tmp_path):
     f = tmp_path / "gprlrun.yaml"
     f.write_text(yaml.safe_dump({"apiVersion": "gprl.dev/v1alpha1", "kind": "GPRLRun", "metadata": {"name": "x"},
-                                 "spec": {"algo": {"groupSize": 6}, "suspend": False}}))
+                                 "spec": {"algo": {"groupSize": 6}, "suspend": False, "model": {"policy": "org/p"},
+                                          "gpm": {"path": "org/g"}, "data": {"prompts": "p.jsonl"}}}))
     assert load_config(f).algo.group_size == 6
 
 

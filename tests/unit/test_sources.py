@@ -98,3 +98,14 @@ def test_real_text_keeps_its_whitespace_the_world_keeps_its_convention():
     from gprl_world.hook import WorldSources
 
     assert WorldSources.text("  the  rock\nwins ") == "the rock wins"
+
+
+def test_a_gprlrun_without_sources_is_refused_like_the_api_server_does():
+    from gprl.api.manifest import parse_manifest
+
+    doc = {"apiVersion": "gprl.dev/v1alpha1", "kind": "GPRLRun", "metadata": {"name": "r"}, "spec": {"gpm": {"axes": 3}}}
+    with pytest.raises(ConfigError) as err:
+        parse_manifest(doc)
+    text = str(err.value)
+    assert "spec.model.policy is required" in text and "spec.gpm.path is required" in text
+    assert "spec.data.prompts is required" in text

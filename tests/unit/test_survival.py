@@ -234,7 +234,8 @@ def test_user_errors_exit_2_naming_the_field(tiny_assets, tmp_path, capsys, monk
         (tmp_path / "taken").write_text("x")
         over["output.dir"], expect = str(tmp_path / "taken"), f"output.dir {tmp_path / 'taken'} is not a folder"
     elif case == "prompts_is_a_folder":
-        over["data.prompts"], expect = str(tiny_assets), f"data.prompts {tiny_assets} is a folder"
+        (tmp_path / "empty").mkdir()  # a folder of data files is a source; one without any is not
+        over["data.prompts"], expect = str(tmp_path / "empty"), f"{tmp_path / 'empty'}: a folder with no .jsonl"
     elif case == "policy_is_the_gpm":
         over["model.policy"], expect = str(tiny_assets / "gpm"), f"model.policy {tiny_assets / 'gpm'} is a GPM folder"
     else:
