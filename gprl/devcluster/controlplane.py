@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gprl.devcluster.storage import STORAGE_CLASS, DevProvisioner
+
 DEFAULT_K8S_VERSION = "1.36.3"
 INSTALL_HINT = "run scripts/install-k8s-tools.sh (builds them into ~/.cache/gprl/k8s/<version>/bin, 10-25 min once)"
 FAKE_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
@@ -537,13 +539,18 @@ def run_dev_cluster(workdir: str | None = None, with_nodes: int = 2, gpus_per_no
     try:
         with ControlPlane(workdir, controller_manager=True, scheduler=True, kwok=True,
                           keep_workdir=workdir is not None) as cp:
+            provisioner = None
             try:
                 for i in range(with_nodes):
                     cp.create_fake_node(f"gpu-node-{i}", gpus=gpus_per_node)
                 for i in range(with_nodes):
                     cp.wait_node_ready(f"gpu-node-{i}")
+                provisioner = DevProvisioner(cp).start()
                 print(f"# GPRL dev cluster up in {time.monotonic() - t0:.1f}s: {cp.server}, "
-                      f"{with_nodes} fake node(s) x {gpus_per_node} {GPU_RESOURCE}", flush=True)
+                      f"{with_nodes} fake node(s) x {gpus_per_node} {GPU_RESOURCE}, "
+                      f"default StorageClass {STORAGE_CLASS!r}", flush=True)
+                print("# fake nodes run no containers: Job pods go Running -> Succeeded at once, nothing trains "
+                      "(docs/dev-cluster.md#how-it-differs-from-a-real-cluster)", flush=True)
                 print(f"# work dir {cp.workdir} (logs in {cp.workdir}/logs); Ctrl-C stops it", flush=True)
                 print(f"export KUBECONFIG={cp.kubeconfig}", flush=True)
                 while True:
@@ -554,6 +561,8 @@ def run_dev_cluster(workdir: str | None = None, with_nodes: int = 2, gpus_per_no
                     time.sleep(1)
             finally:
                 print("# stopping the dev cluster", file=sys.stderr, flush=True)
+                if provisioner:
+                    provisioner.stop()
     except KeyboardInterrupt:
         pass
     finally:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
 
-from gprl_k8s_testlib import CHART, OPERATOR_NS, OPERATOR_SA, apply_docs, find_tool, helm_template
+from gprl_k8s_testlib import CHART, OPERATOR_NS, OPERATOR_SA, ROOT, apply_docs, find_tool, helm_template
 
 pytestmark = pytest.mark.cluster
 
@@ -85,3 +86,113 @@ def test_rendered_chart_applies_to_the_api_server(control_plane, helm):
             assert before[(a["kind"], a["metadata"]["name"])] == a["metadata"]["resourceVersion"], a["kind"]
     peering = cp.request("GET", "/apis/kopf.dev/v1/clusterkopfpeerings/gprl-operator")
     assert peering["metadata"]["name"] == "gprl-operator"
+
+
+# --- chart conventions (KubeRay, cert-manager): schema, helm test, NOTES, monitors, upgrades ---------------------
+
+def _helm(helm, *args, check=True, env=None):
+    out = subprocess.run([helm, *args], capture_output=True, text=True, timeout=180, env=env)
+    if check:
+        assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+@pytest.mark.parametrize("bad, field", [
+    ("replicaCount=two", "replicaCount"),
+    ("metrics.port=0", "port"),
+    ("logLevel=loud", "logLevel"),
+    ("watchNamespaces={Team_A}", "watchNamespaces"),
+    ("image.pullPolicy=Sometimes", "pullPolicy"),
+])
+def test_values_schema_refuses_bad_values(helm, bad, field):
+    out = _helm(helm, "template", "gprl", str(CHART), "--set", bad, check=False)
+    assert out.returncode != 0 and "values don't meet the specifications of the schema" in out.stderr, out.stderr
+    assert field in out.stderr, out.stderr
+
+
+def test_values_schema_accepts_the_documented_settings(helm):
+    docs = helm_template(helm, "--set", "replicaCount=2", "--set", "watchNamespaces={team-a}",
+                         "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.podMonitor.enabled=true",
+                         "--set", "prometheusRule.enabled=true",
+                         "--set", "prometheusRule.runbookBaseURL=https://runbooks.example/gprl/")
+    (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
+    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    assert pm["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "gprl-operator"}
+    assert pm["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    urls = [r["annotations"]["runbook_url"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert urls and all(u.startswith("https://runbooks.example/gprl/gprl") for u in urls)
+    # default runbooks: the docs of the installed version
+    (rule,) = [d for d in helm_template(helm, "--set", "prometheusRule.enabled=true") if d["kind"] == "PrometheusRule"]
+    url = rule["spec"]["groups"][0]["rules"][0]["annotations"]["runbook_url"]
+    assert "/blob/v0.1.0/docs/operations.md#" in url, url
+
+
+def test_update_strategy_keeps_one_operator(helm):
+    (dep,) = [d for d in helm_template(helm) if d["kind"] == "Deployment"]
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+
+
+def test_helm_test_hook(helm):
+    docs = [d for d in helm_template(helm) if d["kind"] == "Pod"]
+    (pod,) = docs
+    ann = pod["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "test" and "hook-succeeded" in ann["helm.sh/hook-delete-policy"]
+    c = pod["spec"]["containers"][0]
+    assert c["image"] == "ghcr.io/gprl/operator:0.1.0" and c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "gprl-operator-metrics.gprl-system.svc:8000/metrics" in c["args"][0]
+    # its check runs: compile the script it will run
+    compile(c["args"][0], "helm-test", "exec")
+    assert not [d for d in helm_template(helm, "--set", "metrics.enabled=false") if d["kind"] == "Pod"]
+
+
+def test_notes_point_at_the_installed_version(helm):
+    out = _helm(helm, "install", "gprl", str(CHART), "-n", OPERATOR_NS, "--dry-run=client").stdout
+    notes = out.split("NOTES:", 1)[1]
+    assert "https://github.com/gprl/gprl/blob/v0.1.0/docs/quickstart-kubernetes.md" in notes
+    assert "blob/v0.1.0/examples/gprlrun.yaml" in notes and "helm test gprl" in notes
+    assert "kubectl apply --server-side --force-conflicts -f" in notes  # the CRD upgrade step
+
+
+def test_install_upgrade_keeps_scale_and_the_documented_crd_step_upgrades_it(control_plane, helm, namespace):
+    """Real `helm install`/`upgrade` against the API server: an upgrade keeps a `kubectl scale`d replica count,
+    Helm leaves an outdated CRD alone, and the documented pre-upgrade step (docs/operations.md) updates it."""
+    import os
+
+    import yaml
+
+    cp = control_plane
+    env = {**os.environ, "KUBECONFIG": cp.kubeconfig}
+    kubectl = find_tool(cp, "kubectl")
+    release = "gprl-up"
+    common = [str(CHART), "-n", namespace, "--set", "peering.name=gprl-up-test", "--set", "dashboards.enabled=false"]
+    _helm(helm, "install", release, *common, env=env)
+    dep = f"/apis/apps/v1/namespaces/{namespace}/deployments/{release}-operator"
+    assert cp.request("GET", dep)["spec"]["replicas"] == 1
+    cp.request("PATCH", f"{dep}/scale", {"spec": {"replicas": 2}}, content_type="application/merge-patch+json")
+    _helm(helm, "upgrade", release, *common, env=env)
+    assert cp.request("GET", dep)["spec"]["replicas"] == 2  # the live count survived the upgrade
+    _helm(helm, "upgrade", release, *common, "--set", "replicaCount=3", env=env)
+    assert cp.request("GET", dep)["spec"]["replicas"] == 3  # an explicit value wins
+
+    # an older CRD in the cluster (a printer column fewer): helm upgrade does not touch it ...
+    crd_path = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/gprlruns.gprl.dev"
+    old = yaml.safe_load((CHART / "crds" / "gprlrun.yaml").read_text())
+    old["spec"]["versions"][0]["additionalPrinterColumns"] = old["spec"]["versions"][0]["additionalPrinterColumns"][:1]
+    cp.apply(old, "older-chart")
+    cols = lambda: len(cp.request("GET", crd_path)["spec"]["versions"][0]["additionalPrinterColumns"])  # noqa: E731
+    assert cols() == 1
+    _helm(helm, "upgrade", release, *common, env=env)
+    assert cols() == 1
+    # ... the documented step does
+    step = re.search(r"^(kubectl apply --server-side --force-conflicts -f charts/gprl/crds/)$",
+                     (ROOT / "docs" / "operations.md").read_text(), flags=re.M)
+    assert step, "docs/operations.md lost the CRD upgrade step"
+    out = subprocess.run([kubectl, *step.group(1).split()[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert cols() == len(yaml.safe_load((CHART / "crds" / "gprlrun.yaml").read_text())
+                         ["spec"]["versions"][0]["additionalPrinterColumns"])
+    _helm(helm, "uninstall", release, "-n", namespace, env=env)
