@@ -134,9 +134,11 @@ def wait_established(cp, name: str, timeout: float = 30) -> None:
 # helm and the chart
 
 
-def helm_template(helm: str, *extra: str, namespace: str = OPERATOR_NS) -> list[dict]:
+def helm_template(helm: str, *extra: str, namespace: str = OPERATOR_NS, tests: bool = False) -> list[dict]:
+    """The chart as `helm install` would create it; `tests=True` adds the `helm test` hook pod."""
     out = subprocess.run(
-        [helm, "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds", *extra],
+        [helm, "template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds",
+         *([] if tests else ["--skip-tests"]), *extra],
         check=True, capture_output=True, text=True, timeout=120,
     ).stdout
     return [d for d in yaml.safe_load_all(out) if d]

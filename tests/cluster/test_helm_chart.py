@@ -137,7 +137,7 @@ def test_update_strategy_keeps_one_operator(helm):
 
 
 def test_helm_test_hook(helm):
-    docs = [d for d in helm_template(helm) if d["kind"] == "Pod"]
+    docs = [d for d in helm_template(helm, tests=True) if d["kind"] == "Pod"]
     (pod,) = docs
     ann = pod["metadata"]["annotations"]
     assert ann["helm.sh/hook"] == "test" and "hook-succeeded" in ann["helm.sh/hook-delete-policy"]
@@ -146,14 +146,18 @@ def test_helm_test_hook(helm):
     assert "gprl-operator-metrics.gprl-system.svc:8000/metrics" in c["args"][0]
     # its check runs: compile the script it will run
     compile(c["args"][0], "helm-test", "exec")
-    assert not [d for d in helm_template(helm, "--set", "metrics.enabled=false") if d["kind"] == "Pod"]
+    assert not [d for d in helm_template(helm, "--set", "metrics.enabled=false", tests=True) if d["kind"] == "Pod"]
 
 
-def test_notes_point_at_the_installed_version(helm):
-    out = _helm(helm, "install", "gprl", str(CHART), "-n", OPERATOR_NS, "--dry-run=client").stdout
+def test_notes_point_at_the_installed_version(control_plane, helm):
+    import os
+
+    env = {**os.environ, "KUBECONFIG": control_plane.kubeconfig}  # helm asks the server for its version
+    out = _helm(helm, "install", "gprl-notes", str(CHART), "-n", OPERATOR_NS, "--dry-run=client",
+                "--set", "peering.name=gprl-notes-test", env=env).stdout
     notes = out.split("NOTES:", 1)[1]
     assert "https://github.com/gprl/gprl/blob/v0.1.0/docs/quickstart-kubernetes.md" in notes
-    assert "blob/v0.1.0/examples/gprlrun.yaml" in notes and "helm test gprl" in notes
+    assert "blob/v0.1.0/examples/gprlrun.yaml" in notes and "helm test gprl-notes" in notes
     assert "kubectl apply --server-side --force-conflicts -f" in notes  # the CRD upgrade step
 
 

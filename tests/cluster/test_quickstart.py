@@ -50,7 +50,9 @@ def test_quickstart_reaches_succeeded(control_plane, namespace, dev_storage, tmp
 
     # 2. install the CRD and the chart's objects; the Deployment scaled to 0, the operator as a local process
     cp.ensure_namespace(OPERATOR_NS)
-    sh(f"{helm} template gprl charts/gprl -n {OPERATOR_NS} --include-crds --skip-tests | "
+    sh(f"{kubectl} apply --server-side --force-conflicts -f charts/gprl/crds/")
+    sh(f"{kubectl} wait --for condition=established crd/gprlruns.gprl.dev crd/clusterkopfpeerings.kopf.dev")
+    sh(f"{helm} template gprl charts/gprl -n {OPERATOR_NS} --skip-tests | "
        f"{kubectl} apply --server-side --force-conflicts -f -")
     sh(f"{kubectl} -n {OPERATOR_NS} scale deploy/gprl-operator --replicas=0")
     sh(f"{kubectl} get crd gprlruns.gprl.dev")
