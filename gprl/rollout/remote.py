@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 from gprl import distributed as gdist
 from gprl.rollout.base import RolloutBatch, StaleRollout
 from gprl.rollout.tokens import assemble_batch, bucketed, encode_prompts, policy_weights
+from gprl.serving.auth import auth_headers, load_token
 from gprl.serving.http import ServerUnavailable, call_with_retries, json_body, request, wait_healthy
 
 
@@ -44,7 +44,7 @@ _OK, _STALE, _FAILED = 0, 1, 2  # a rank's generation outcome, agreed on with an
 class RemoteRollout:
     def __init__(self, urls: Sequence[str], tokenizer, spec, max_prompt_tokens: int = 256, learner=None,
                  bucket_mb: float = 64.0, attempts: int | None = None, base_delay: float = 0.5, log=print,
-                 seed: int = 0):
+                 seed: int = 0, token: str | None = None):
         if not urls:
             raise ValueError("RemoteRollout needs at least one server URL")
         self.urls = [u.rstrip("/") for u in urls]
@@ -60,6 +60,9 @@ class RemoteRollout:
         self._policy = None
         self.pushes = 0  # weight pushes done by this process (re-syncs included)
         self.last_push_seconds = 0.0
+        self.headers = auth_headers(token if token is not None else load_token())
+        self._dtypes: dict[str, str] = {}  # url -> the engine's weight dtype (pushes are cast to it)
+        self._pushed_to: set[str] = set()
 
     # ------------------------------------------------------------------ HTTP
 
@@ -74,14 +77,17 @@ class RemoteRollout:
                 raise RolloutServerUnavailable(str(exc)) from None
         self._seen_ready = True
 
-    def _post(self, url: str, path: str, payload=None, what: str = "", timeout: float = 600.0):
-        status, _, body = self._retry(lambda: request(url + path, payload, method="POST", timeout=timeout),
-                                      what or f"rollout server {url}{path.split('?')[0]}")
+    def _post(self, url: str, path: str, payload=None, what: str = "", timeout: float = 600.0,
+              retry_5xx: bool = True):
+        status, _, body = self._retry(lambda: request(url + path, payload, method="POST", headers=self.headers,
+                                                      timeout=timeout),
+                                      what or f"rollout server {url}{path.split('?')[0]}", retry_5xx=retry_5xx)
         return status, body
 
-    def _retry(self, fn, what: str):
+    def _retry(self, fn, what: str, retry_5xx: bool = True):
         try:
-            return call_with_retries(fn, what=what, attempts=self.attempts, base_delay=self.base_delay, log=self.log)
+            return call_with_retries(fn, what=what, attempts=self.attempts, base_delay=self.base_delay, log=self.log,
+                                     retry_5xx=retry_5xx)
         except ServerUnavailable as exc:
             raise RolloutServerUnavailable(str(exc)) from None
 
@@ -116,18 +122,42 @@ class RemoteRollout:
                 self.log(f"rollout server {url} lost the weight push (restarted?): pushing version {version} again")
         raise AssertionError("unreachable")
 
+    def _info(self, url: str) -> dict:
+        status, _, body = self._retry(lambda: request(url + "/info", headers=self.headers, timeout=30),
+                                      f"rollout server {url}/info")
+        return self._check(status, body, url)
+
     def _push_once(self, url: str, policy, version: int, gathered: bool = False) -> dict:
+        """begin (the server's session id) -> buckets -> commit. A learner process's first push to a server may
+        rewind its version (the learner resumed from a checkpoint older than the server's weights); later pushes
+        must move it forward. A 409 at begin from a server already at `version` means a lost answer to a commit
+        that went through: nothing to do."""
         import time
 
+        import torch
         from safetensors.torch import save
 
         t0 = time.perf_counter()
-        session = uuid.uuid4().hex
-        self._check(*self._post(url, f"/weights/begin?session={session}&version={version}"), url)
-        for bucket in bucketed(policy_weights(policy, None if gathered else self.learner), self.bucket_bytes):
-            payload = save({name: t.contiguous().cpu() for name, t in bucket})
-            self._check(*self._post(url, f"/weights/bucket?session={session}", payload), url)
-        out = self._check(*self._post(url, f"/weights/commit?session={session}"), url)
+        if url not in self._dtypes:
+            self._dtypes[url] = self._info(url).get("dtype", "float32")
+        dtype = getattr(torch, self._dtypes[url]) if isinstance(self._dtypes[url], str) else None
+        rewind = "true" if url not in self._pushed_to else "false"
+        status, body = self._post(url, f"/weights/begin?version={version}&rewind={rewind}")
+        if status == 409 and int(json.loads(body).get("version", -1)) == version:
+            return {"version": version, "tensors": 0}
+        session = self._check(status, body, url)["session"]
+        try:
+            for bucket in bucketed(policy_weights(policy, None if gathered else self.learner), self.bucket_bytes):
+                payload = save({name: t.to(dtype or t.dtype).contiguous().cpu() for name, t in bucket})
+                self._check(*self._post(url, f"/weights/bucket?session={session}", payload), url)
+            # a commit is not repeated on a 5xx: the engine's load failed, and a retry would only find the session gone
+            out = self._check(*self._post(url, f"/weights/commit?session={session}", retry_5xx=False), url)
+        except BaseException:
+            with contextlib.suppress(Exception):  # free the server's staged tensors now rather than at its TTL
+                request(url + f"/weights/abort?session={session}", b"", method="POST", headers=self.headers,
+                        timeout=10)
+            raise
+        self._pushed_to.add(url)
         self.pushes += 1
         self.last_push_seconds = time.perf_counter() - t0
         return out
@@ -167,8 +197,7 @@ class RemoteRollout:
         """Each server's weights version (GET /info, retried while a replaced pod starts)."""
 
         def one(url: str) -> int:
-            status, _, body = self._retry(lambda: request(url + "/info", timeout=30), f"rollout server {url}/info")
-            return int(self._check(status, body, url)["version"])
+            return int(self._info(url)["version"])
 
         with ThreadPoolExecutor(len(self.urls)) as pool:
             return list(pool.map(one, self.urls))

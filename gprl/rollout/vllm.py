@@ -58,8 +58,24 @@ class VLLMEngine:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="vllm-engine")
         self.llm = self._call(lambda: LLM(**kw))
         self.model = model
+        self.dtype = dtype
         self.version = version
         self.lock = threading.Lock()
+
+    def weight_manifest(self):
+        """Name, shape and dtype of every parameter a push must carry: the Hugging Face model's own parameters
+        (built on the meta device from the folder's config: no memory), in the engine's dtype."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from gprl.serving.weights import manifest_of
+
+        with torch.device("meta"):
+            hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model))
+        dtype = getattr(getattr(getattr(self.llm, "llm_engine", None), "model_config", None), "dtype", None)
+        if not isinstance(dtype, torch.dtype):
+            dtype = getattr(torch, self.dtype) if self.dtype != "auto" else None
+        return manifest_of(hf, dtype)
 
     def _call(self, fn):
         return self._thread.submit(fn).result()

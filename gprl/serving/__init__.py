@@ -1,2 +1,3 @@
 """Servers of the disaggregated topology: GPM scoring (`gprl serve-gpm`) and vLLM rollouts (`gprl serve-rollout`),
-and the clients the trainer uses to reach them. Standard library HTTP (no web framework needed)."""
+on FastAPI/uvicorn with a per-run bearer token (app.py, auth.py), checked weight commits (weights.py), and the
+clients the trainer uses to reach them."""

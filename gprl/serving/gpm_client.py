@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from gprl.gpm.model import GPMOutput
+from gprl.serving.auth import auth_headers, load_token
 from gprl.serving.http import ServerUnavailable, call_with_retries, json_body, request, wait_healthy
 
 
@@ -24,12 +25,14 @@ class GPMServerUnavailable(ServerUnavailable):
 class RemoteGPMConfig:
     axes: int
     beta: float
+    max_pairs: int | None = None  # the server's cap per request: larger calls are split
 
 
 class GPMClient:
     def __init__(self, url: str, attempts: int | None = None, base_delay: float | None = None,
-                 timeout: float = 300.0, log=None):
+                 timeout: float = 300.0, log=None, token: str | None = None):
         self.url = url.rstrip("/")
+        self.headers = auth_headers(token if token is not None else load_token())
         self.attempts = attempts or int(os.environ.get("GPRL_GPM_ATTEMPTS", "6"))
         self.base_delay = base_delay if base_delay is not None else float(os.environ.get("GPRL_GPM_BACKOFF_S", "0.5"))
         self.timeout = timeout
@@ -40,7 +43,7 @@ class GPMClient:
         what = f"GPM server {self.url}{path}"
         try:
             status, _, body = call_with_retries(
-                lambda: request(self.url + path, payload, timeout=self.timeout), what=what,
+                lambda: request(self.url + path, payload, headers=self.headers, timeout=self.timeout), what=what,
                 attempts=self.attempts, base_delay=self.base_delay, log=self.log,
             )
         except ServerUnavailable as exc:
@@ -55,8 +58,13 @@ class GPMClient:
                 wait_healthy(self.url, f"GPM server {self.url}", log=self.log)
             except ServerUnavailable as exc:
                 raise GPMServerUnavailable(str(exc)) from None
-            info = self._call("/info")
-            self._config = RemoteGPMConfig(axes=int(info["axes"]), beta=float(info["beta"]))
+            self._load_info()
+        return self._config
+
+    def _load_info(self) -> RemoteGPMConfig:
+        info = self._call("/info")
+        self._config = RemoteGPMConfig(axes=int(info["axes"]), beta=float(info["beta"]),
+                                       max_pairs=int(info.get("max_pairs") or 0) or None)
         return self._config
 
     def eval(self):
@@ -70,8 +78,13 @@ class GPMClient:
         """Same contract as GeneralPreferenceModel.score (the tokenizer is the server's; the argument is ignored)."""
         if any(not isinstance(x, str) for x in list(prompts) + list(responses)):
             raise TypeError("the GPM server scores text; got token ids")
-        out = self._call("/score", {"prompts": list(prompts), "responses": list(responses)})
-        k = 2 * self.config.axes
-        emb = torch.tensor(out["embeddings"], dtype=torch.float32).reshape(-1, k)
-        eig = torch.tensor(out["eigenvalues"], dtype=torch.float32).reshape(len(prompts), self.config.axes)
-        return GPMOutput(emb, eig)
+        cfg = self._config or self._load_info()  # retried, without the first-contact wait of `config`
+        k, step = 2 * cfg.axes, cfg.max_pairs or max(1, len(prompts))
+        embs, eigs = [], []
+        for i in range(0, len(prompts), step):
+            out = self._call("/score", {"prompts": list(prompts[i : i + step]), "responses": list(responses[i : i + step])})
+            embs.append(torch.tensor(out["embeddings"], dtype=torch.float32).reshape(-1, k))
+            eigs.append(torch.tensor(out["eigenvalues"], dtype=torch.float32).reshape(-1, cfg.axes))
+        if not embs:
+            return GPMOutput(torch.zeros(0, k), torch.zeros(0, cfg.axes))
+        return GPMOutput(torch.cat(embs), torch.cat(eigs))

@@ -1,4 +1,5 @@
-"""Small JSON-over-HTTP helpers shared by the servers and their clients (standard library only)."""
+"""The clients' side of HTTP: one request, retries with backoff, waiting for a server to be healthy (standard
+library only; the servers' side is gprl/serving/app.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import random
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 
@@ -43,10 +43,12 @@ def request(url: str, payload: bytes | dict | None = None, *, method: str | None
 
 
 def call_with_retries(fn: Callable[[], tuple[int, dict, bytes]], *, what: str, attempts: int = 6, base_delay: float = 0.2,
-                      max_delay: float = 5.0, log: Callable[[str], None] | None = None) -> tuple[int, dict, bytes]:
+                      max_delay: float = 5.0, log: Callable[[str], None] | None = None,
+                      retry_5xx: bool = True) -> tuple[int, dict, bytes]:
     """fn() with exponential backoff (and jitter) on connection errors, timeouts and 5xx answers.
 
-    4xx answers are returned to the caller (they are not transient). After `attempts` failures raises
+    4xx answers are returned to the caller (they are not transient); so are 5xx ones with retry_5xx=False (a call
+    that must not be repeated, such as a weight commit). After `attempts` failures raises
     ServerUnavailable naming `what`, the attempts and the last error.
     """
     last = ""
@@ -54,7 +56,7 @@ def call_with_retries(fn: Callable[[], tuple[int, dict, bytes]], *, what: str, a
     for attempt in range(attempts):
         try:
             status, headers, body = fn()
-            if status < 500:
+            if status < 500 or not retry_5xx:
                 return status, headers, body
             last = f"HTTP {status}: {body[:200].decode(errors='replace')}"
         except (OSError, TimeoutError) as exc:  # URLError, ConnectionRefusedError, socket.timeout are OSErrors
@@ -102,66 +104,3 @@ def json_body(status: int, body: bytes, what: str) -> dict:
             msg = body[:500].decode(errors="replace")
         raise ServerError(status, f"{what}: {msg}")
     return json.loads(body)
-
-
-class JSONHandler(BaseHTTPRequestHandler):
-    """Routes GET/POST to `self.server.routes[(method, path)](handler) -> (status, payload)`."""
-
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, fmt, *args):  # quiet by default; servers log what matters themselves
-        pass
-
-    def body(self) -> bytes:
-        n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
-
-    def json(self) -> dict:
-        raw = self.body()
-        return json.loads(raw) if raw else {}
-
-    def _dispatch(self, method: str) -> None:
-        route = self.server.routes.get((method, self.path.split("?")[0]))  # type: ignore[attr-defined]
-        if route is None:
-            return self.send(404, {"error": f"no route {method} {self.path}"})
-        try:
-            status, payload = route(self)
-        except ValueError as exc:
-            status, payload = 400, {"error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - a server answers, it does not die
-            status, payload = 500, {"error": f"{type(exc).__name__}: {exc}"}
-        self.send(status, payload)
-
-    def do_GET(self):  # noqa: N802
-        self._dispatch("GET")
-
-    def do_POST(self):  # noqa: N802
-        self._dispatch("POST")
-
-    def send(self, status: int, payload) -> None:
-        if isinstance(payload, (bytes, bytearray)):
-            data, ctype = bytes(payload), "application/octet-stream"
-        else:
-            data, ctype = json.dumps(payload).encode(), "application/json"
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-
-def make_server(host: str, port: int, routes: dict) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), JSONHandler)
-    server.daemon_threads = True
-    server.routes = routes  # type: ignore[attr-defined]
-    return server
-
-
-def serve(server: ThreadingHTTPServer, banner: str) -> int:
-    """Print the banner (the tests and the pod logs wait for it) and serve until interrupted; the exit status."""
-    print(banner, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0

@@ -173,3 +173,52 @@ def test_gprl_serve_gpm_from_a_run_config(gpm, toy_tokenizer, tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_bad_request_fails_alone_and_batches_stay_bounded(gpm, toy_tokenizer):
+    """20 good requests and one whose pass fails, concurrently: only the bad one fails (as a 500 naming its error);
+    no forward pass exceeds max_batch even when requests arrive together."""
+    from gprl.serving.gpm_client import GPMClient
+    from gprl.serving.gpm_server import build_server
+    from gprl.serving.http import ServerError
+
+    class Fragile:
+        config = gpm.config
+        sizes = []
+
+        def score(self, tok, prompts, responses, **kw):
+            self.sizes.append(len(prompts))
+            if "BOOM" in responses:
+                raise RuntimeError("this response breaks the model")
+            return gpm.score(tok, prompts, responses, **kw)
+
+    fragile = Fragile()
+    srv = build_server(fragile, toy_tokenizer, "127.0.0.1", 0, max_batch=8, window_s=0.2)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    client = GPMClient(url, attempts=1)
+    want = gpm.score(toy_tokenizer, PROMPTS, RESPONSES)
+    results, errors = {}, {}
+
+    def call(i):
+        try:
+            results[i] = client.score(None, PROMPTS, ["BOOM"] * 4 if i == 7 else RESPONSES)
+        except ServerError as exc:
+            errors[i] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a retry budget of 1 turns a 500 into ServerUnavailable
+            errors[i] = str(exc)
+
+    try:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(21)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert list(errors) == [7] and "this response breaks the model" in errors[7]
+        assert len(results) == 20
+        for out in results.values():
+            torch.testing.assert_close(out.eigenvalues, want.eigenvalues, rtol=1e-5, atol=1e-6)
+        assert max(fragile.sizes) <= 8 and srv.scorer.batches < 21
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -1,17 +1,26 @@
 """The rollout server's HTTP protocol and the trainer-side client, with a fake engine (no vLLM): bucketed pushes,
 versions on every rollout, 409 → re-push after a server restart, a push that loses its session starts over."""
 
+import json
 import threading
+import time
 
 import pytest
 import torch
 
 
 class FakeEngine:
-    """Stands in for VLLMEngine: 'generates' the prompt's last token + version, holds the pushed weights."""
+    """Stands in for VLLMEngine: 'generates' the prompt's last token + version, holds the pushed weights; its
+    manifest is the toy policy's."""
 
-    def __init__(self, version=0):
+    default_manifest = None  # the toy policy's (set by the autouse fixture below)
+
+    def __init__(self, version=0, manifest=None):
         self.version, self.model, self.weights, self.loads = version, "fake", {}, 0
+        self.manifest = manifest or FakeEngine.default_manifest
+
+    def weight_manifest(self):
+        return self.manifest
 
     def generate_ids(self, prompt_ids, n, **kw):
         out = [[([p[-1] + self.version, 1], [-0.5, -0.25]) for _ in range(n)] for p in prompt_ids]
@@ -20,6 +29,16 @@ class FakeEngine:
     def load_weights(self, weights, version):
         self.weights = {k: v.clone() for k, v in weights}
         self.version, self.loads = version, self.loads + 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _toy_manifest(toy_backbone_config):
+    from transformers import LlamaForCausalLM
+
+    from gprl.serving.weights import manifest_of
+
+    with torch.device("meta"):
+        FakeEngine.default_manifest = manifest_of(LlamaForCausalLM(toy_backbone_config))
 
 
 def serve(engine, port=0):
@@ -110,7 +129,7 @@ def test_a_push_whose_session_is_lost_starts_over(policy, toy_tokenizer):
         rollout.sync_weights(policy, 2)
         assert lost["done"] and engine.version == 2 and engine.loads == 1
         status, _, body = request(url + "/generate", {"prompt_ids": [[4]], "n": 1, "min_version": 3})
-        assert status == 409 and b'"version": 2' in body
+        assert status == 409 and json.loads(body)["version"] == 2
     finally:
         srv.shutdown(); srv.server_close()
 
@@ -197,5 +216,154 @@ def test_zero3_generation_fails_clearly_when_a_server_keeps_falling_behind(polic
             rollout.generate(["rock"], 2)
         # the first round finds the server current; each later round re-syncs it (one gather each)
         assert learner.gathers == 1 + (RESYNC_ROUNDS - 1)
+    finally:
+        srv.shutdown(); srv.server_close()
+
+
+# ---------------------------------------------------------------- checked commits
+
+
+def _post(url, path, payload=b""):
+    from gprl.serving.http import request
+
+    status, _, body = request(url + path, payload, method="POST")
+    return status, json.loads(body)
+
+
+def _bucket(tensors) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()})
+
+
+def test_refused_pushes_leave_the_engine_on_its_previous_version(policy):
+    """Partial, wrong-shape, wrong-dtype, non-finite, cut-off, backwards and foreign-session pushes are refused
+    before the engine is touched; a complete push then commits."""
+    engine = FakeEngine(version=3)
+    srv = serve(engine)
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    weights = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    names = list(weights)
+    try:
+        def begin(version=4):
+            status, out = _post(url, f"/weights/begin?version={version}")
+            assert status == 200, out
+            return out["session"]
+
+        def unchanged():
+            assert engine.version == 3 and engine.loads == 0
+
+        # partial: one tensor, then commit
+        s = begin()
+        assert _post(url, f"/weights/bucket?session={s}", _bucket({names[0]: weights[names[0]]}))[0] == 200
+        status, out = _post(url, f"/weights/commit?session={s}")
+        assert status == 422 and "incomplete push" in out["error"] and out["version"] == 3
+        unchanged()
+        # wrong shape mid-push: the bucket is refused and the session dropped (its commit is unknown)
+        s = begin()
+        assert _post(url, f"/weights/bucket?session={s}", _bucket({names[0]: weights[names[0]]}))[0] == 200
+        status, out = _post(url, f"/weights/bucket?session={s}", _bucket({names[1]: torch.zeros(3, 3)}))
+        assert status == 422 and "shape (3, 3)" in out["error"]
+        assert _post(url, f"/weights/commit?session={s}")[0] == 404
+        unchanged()
+        for bad, why in ((weights[names[1]].double(), "dtype torch.float64"),
+                         (weights[names[1]].clone().fill_(float("nan")), "NaN"),
+                         (weights[names[1]].clone().fill_(float("inf")), "NaN or infinite")):
+            s = begin()
+            status, out = _post(url, f"/weights/bucket?session={s}", _bucket({names[1]: bad}))
+            assert status == 422 and why in out["error"], out
+        status, out = _post(url, f"/weights/bucket?session={begin()}", _bucket({"not.a.param": torch.zeros(1)}))
+        assert status == 422 and "not a parameter" in out["error"]
+        # an upload cut off mid-send: not a safetensors buffer
+        status, out = _post(url, f"/weights/bucket?session={begin()}", _bucket(weights)[:-100])
+        assert status == 400 and "safetensors" in out["error"]
+        # backwards and equal versions; a session this server never opened
+        assert _post(url, "/weights/begin?version=2")[0] == 409
+        assert _post(url, "/weights/begin?version=3")[0] == 409
+        assert _post(url, "/weights/commit?session=" + "0" * 32)[0] == 404
+        unchanged()
+        # a complete push commits; a resumed learner (rewind) may then go back
+        s = begin(5)
+        for k in names:
+            assert _post(url, f"/weights/bucket?session={s}", _bucket({k: weights[k]}))[0] == 200
+        status, out = _post(url, f"/weights/commit?session={s}")
+        assert status == 200 and out["version"] == 5 and engine.loads == 1
+        assert _post(url, "/weights/begin?version=4&rewind=true")[0] == 200
+        assert srv.store.staged_bytes == 0
+    finally:
+        srv.shutdown(); srv.server_close()
+
+
+def test_abandoned_sessions_expire_and_free_their_memory(policy):
+    from gprl.serving.rollout_server import build_server
+
+    engine = FakeEngine()
+    srv = build_server(engine, "127.0.0.1", 0, session_ttl_s=0.5)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    weights = {k: v.detach() for k, v in policy.named_parameters()}
+    try:
+        s = _post(url, "/weights/begin?version=1")[1]["session"]
+        assert _post(url, f"/weights/bucket?session={s}", _bucket(weights))[0] == 200
+        assert srv.store.staged_bytes > 0
+        deadline = time.monotonic() + 5
+        while srv.store.staged_bytes and time.monotonic() < deadline:
+            time.sleep(0.05)  # nobody calls: the reaper frees it
+        assert srv.store.staged_bytes == 0 and not srv.store.sessions
+        assert _post(url, f"/weights/commit?session={s}")[0] == 404 and engine.version == 0
+        from gprl.serving.http import request
+
+        text = request(url + "/metrics")[2].decode()
+        assert "gprl_rollout_weight_sessions_expired_total 1.0" in text
+        assert "gprl_rollout_weight_staged_bytes 0.0" in text
+    finally:
+        srv.shutdown(); srv.server_close()
+
+
+def test_a_failed_engine_load_takes_the_server_out_of_rotation_until_a_whole_push(policy, toy_tokenizer):
+    from gprl.serving.http import request
+
+    engine = FakeEngine()
+    real = engine.load_weights
+    engine.load_weights = lambda weights, version: (_ for _ in ()).throw(RuntimeError("device lost"))
+    srv = serve(engine)
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        rollout = client(url, toy_tokenizer)
+        with pytest.raises(Exception, match="device lost"):
+            rollout.sync_weights(policy, 1)
+        assert request(url + "/readyz")[0] == 503
+        assert request(url + "/generate", {"prompt_ids": [[4]], "max_tokens": 2})[0] == 503
+        engine.load_weights = real
+        rollout.sync_weights(policy, 1)  # a later whole push recovers
+        assert engine.version == 1 and request(url + "/readyz")[0] == 200
+    finally:
+        srv.shutdown(); srv.server_close()
+
+
+def test_the_client_sends_the_token_and_casts_to_the_engines_dtype(policy, toy_tokenizer):
+    from gprl.config import RolloutSpec
+    from gprl.rollout.remote import RemoteRollout
+    from gprl.serving.rollout_server import build_server
+    from gprl.serving.weights import manifest_of
+
+    with torch.device("meta"):
+        engine = FakeEngine(manifest=manifest_of(policy, torch.bfloat16))
+    token = "k" * 32
+    srv = build_server(engine, "127.0.0.1", 0, token=token)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        anonymous = RemoteRollout([url], toy_tokenizer, RolloutSpec(max_new_tokens=4), 16, log=lambda *_: None,
+                                  base_delay=0.01, attempts=2)
+        from gprl.serving.http import ServerError
+
+        with pytest.raises(ServerError, match="HTTP 401"):
+            anonymous.sync_weights(policy, 1)
+        rollout = RemoteRollout([url], toy_tokenizer, RolloutSpec(max_new_tokens=4), 16, log=lambda *_: None,
+                                base_delay=0.01, attempts=2, token=token)
+        rollout.sync_weights(policy, 1)
+        assert engine.version == 1 and all(t.dtype == torch.bfloat16 for t in engine.weights.values())
+        assert rollout.generate(["rock"], 2).policy_version == 1
     finally:
         srv.shutdown(); srv.server_close()
