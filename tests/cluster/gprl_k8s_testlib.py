@@ -144,14 +144,17 @@ def helm_template(helm: str, *extra: str, namespace: str = OPERATOR_NS, tests: b
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+CLUSTER_SCOPED = ("CustomResourceDefinition", "Namespace", "ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering",
+                  "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+
+
 def apply_docs(cp, docs: list[dict], field_manager: str = "helm-test") -> list[dict]:
     """Apply rendered manifests in dependency order (CRDs, namespaces first; peering objects after their CRD)."""
     order = {"CustomResourceDefinition": 0, "Namespace": 1, "ServiceAccount": 2, "ClusterRole": 3, "Role": 3,
              "ClusterRoleBinding": 4, "RoleBinding": 4}
     out = []
     for doc in sorted(docs, key=lambda d: order.get(d["kind"], 9)):
-        if doc["kind"] not in ("CustomResourceDefinition", "Namespace", "ClusterRole", "ClusterRoleBinding") and \
-                doc["kind"] != "ClusterKopfPeering":
+        if doc["kind"] not in CLUSTER_SCOPED:
             doc.setdefault("metadata", {}).setdefault("namespace", OPERATOR_NS)
         if doc["kind"] == "CustomResourceDefinition":
             out.append(cp.apply(doc, field_manager))

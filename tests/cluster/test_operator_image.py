@@ -52,12 +52,13 @@ def operator_image(request):
 def test_operator_image_reconciles_a_run(control_plane, operator_image, namespace, tmp_path):
     cp = control_plane
     install_chart(cp, find_tool(cp, "helm"))
-    # the chart's ServiceAccount token, readable by the image's user (the control plane's own dir is 0700)
+    # the chart's ServiceAccount token, readable by the image's user (the control plane's own dir is 0700);
+    # mounted under /etc (in Debian /var/run is a symlink, and buildah's chroot mounts do not follow it)
     kube = tmp_path / "kube"
     kube.mkdir()
     shutil.copy(cp.ca_file, kube / "ca.crt")
     token = cp.service_account_token(OPERATOR_NS, OPERATOR_SA, create=False)
-    (kube / "config").write_text(kubeconfig_text(cp.server, "/var/run/gprl-kube/ca.crt",
+    (kube / "config").write_text(kubeconfig_text(cp.server, "/etc/gprl-kube/ca.crt",
                                                  f"system:serviceaccount:{OPERATOR_NS}:{OPERATOR_SA}", token))
     for p in (kube, *kube.iterdir()):
         p.chmod(0o755 if p.is_dir() else 0o644)
@@ -70,7 +71,7 @@ def test_operator_image_reconciles_a_run(control_plane, operator_image, namespac
     # the image's entrypoint (python -m gprl_operator) with the flags the chart's env sets
     proc = subprocess.Popen(
         [*BUILDAH, "run", "--isolation", "chroot", "--user", "65532:65532",
-         "-v", f"{kube}:/var/run/gprl-kube:ro", "--env", "KUBECONFIG=/var/run/gprl-kube/config", ctr, "--",
+         "-v", f"{kube}:/etc/gprl-kube:ro", "--env", "KUBECONFIG=/etc/gprl-kube/config", ctr, "--",
          "python", "-m", "gprl_operator", "--standalone", "--bind", "127.0.0.1",
          "--metrics-port", str(metrics), "--health-port", str(health)],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
