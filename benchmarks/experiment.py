@@ -1,106 +1,219 @@
-"""The paper's table in miniature, in the synthetic world (issue 3).
+"""The method under a fair test in the synthetic world (issue 14): which effect is the GPM's, which the per-axis
+normalisation's, which the drift monitor's.
 
-Oracle win rate against the SFT reference on held-out prompts at a normal and a long budget, mean and
-spread over seeds, for: (a) GPRL (k = 3, per-axis normalisation, drift monitor), (b) GRPO with the
-Bradley-Terry reward model, (c) GPRL without the drift monitor, (d) GPRL with global normalisation.
-One run per (variant, seed) is evaluated at both budgets (the normal budget is a prefix of the long one;
-the learning rate is constant, so it is the same run a shorter job would have made).
+Rows (each a `gprl.demo.VARIANTS` entry, all on the same budget, data, seeds and evaluation):
 
-    python benchmarks/experiment.py --out runs/experiment [--seeds 0 1 2] [--normal 40] [--long 120]
+  (a)  gprl              GPM k=3, per-axis normalisation, drift monitor
+  (b)  grpo_bt           GRPO + Bradley-Terry reward model (k=1), no monitor
+  (b') grpo_bt_monitor   the same with the same monitor (k=1: no axes to compare, so it never acts; checked here)
+  (c)  gprl_observed     GPM k=3, per-axis, the monitor *observing only* (its control pinned at baseline), so the
+                         row is GPRL without a monitor and its logs say when the monitor would have fired
+  (e)  gpm_scalar        GRPO on the same GPM collapsed to a scalar (normalization: scalar), monitor observing only
+  (e') gpm_scalar_monitor  the same with the monitor acting
+  (d)  gprl_global_norm  GPM k=3, global normalisation, drift monitor
 
-Writes <out>/results.json, <out>/table.md and <out>/exploit.png.
+Development / report split: the monitor's thresholds were chosen on development seeds (--dev-seeds, default 0)
+and are reported on the others (--seeds); probe prompts are training prompts, never evaluation prompts.
+Means with 95 % t-intervals over seeds. Runs go in parallel subprocesses (--jobs); a finished run is not rerun.
+
+    python benchmarks/experiment.py --out runs/experiment [--seeds 1 2 3 4 5] [--jobs 2]
+
+Writes <out>/results.json, <out>/table.md, <out>/curves.png and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gprl.demo import VARIANTS, _merge, run_variants
+ROOT = Path(__file__).resolve().parents[1]
 
 LABELS = {
-    "gprl": "(a) GPRL: k=3, per-axis, drift monitor",
-    "grpo_bt": "(b) GRPO + BT reward model (k=1)",
-    "gprl_no_monitor": "(c) GPRL without drift monitor",
-    "gprl_global_norm": "(d) GPRL, global normalisation",
+    "gprl": "(a) GPRL: GPM k=3, per-axis, monitor",
+    "grpo_bt": "(b) GRPO + BT (k=1), no monitor",
+    "grpo_bt_monitor": "(b') GRPO + BT + the same monitor",
+    "gprl_observed": "(c) GPRL without monitor (observing only)",
+    "gpm_scalar": "(e) GRPO on the GPM as a scalar, no monitor (observing)",
+    "gpm_scalar_monitor": "(e') GRPO on the GPM as a scalar + monitor",
+    "gprl_global_norm": "(d) GPRL, global normalisation, monitor",
 }
+ORDER = list(LABELS)
+
+# t_{0.975, n-1} for 95 % intervals over n seeds
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def ci(values: list[float]) -> str:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return "–"
+    m = statistics.mean(vals)
+    if len(vals) < 2:
+        return f"{m:.3f}"
+    half = T975.get(len(vals), 1.96) * statistics.stdev(vals) / math.sqrt(len(vals))
+    return f"{m:.3f} ± {half:.3f}"
+
+
+def run_one(variant: str, seed: int, out: Path, args) -> Path:
+    """One (variant, seed) run in its own process (one torch thread); returns its folder."""
+    folder = out / variant / f"seed{seed}"
+    evals = folder / "evals.jsonl"
+    if evals.exists() and any(json.loads(l)["step"] == args.long for l in evals.read_text().splitlines() if l.strip()):
+        return folder
+    base = {
+        "algo": {"steps": args.long, "prompts_per_step": 4, "group_size": 8, "learning_rate": 3e-4,
+                 "kl_coef": args.kl_coef},
+        "rollout": {"max_new_tokens": 32},
+        "output": {"eval_every": args.eval_every, "eval_prompts": 96, "eval_samples": 2, "report": False,
+                   "progress": False},
+        "checkpoint": {"every_steps": 1000},
+    }
+    code = (
+        "import json, sys, torch; torch.set_num_threads(1)\n"
+        "from pathlib import Path\n"
+        "from gprl.demo import variant_spec\n"
+        "from gprl.trainer import Trainer\n"
+        f"spec = variant_spec({variant!r}, json.loads(sys.argv[1]), Path({str(out)!r}), {seed})\n"
+        "Trainer(spec, log=lambda *a: None).train()\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", code, json.dumps(base)], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    print(f"  {variant} seed {seed}: {time.time() - t0:.0f}s", flush=True)
+    return folder
+
+
+def summarise(folder: Path, args) -> dict:
+    steps = [json.loads(l) for l in (folder / "steps.jsonl").read_text().splitlines() if l.strip()]
+    evals = {e["step"]: e for e in (json.loads(l) for l in (folder / "evals.jsonl").read_text().splitlines() if l.strip())}
+    trig = [r["step"] for r in steps if r.get("trigger_events")]
+    exploit = [r["exploit"] for r in steps]
+    # exploit onset: first step whose 10-step running mean of the exploit exceeds 0.15 repeats per response
+    onset = next((s + 1 for s in range(9, len(exploit)) if statistics.mean(exploit[s - 9 : s + 1]) > 0.15), None)
+    return {
+        "evals": {s: {k: e.get(k) for k in ("oracle_win_rate", "gpm_win_rate", "policy_exploit")} for s, e in evals.items()},
+        "triggers": trig,
+        "releases": sum(1 for r in steps if r["triggered"] == 0 and r["step"] > 1 and steps[r["step"] - 2]["triggered"] == 1),
+        "triggered_steps": sum(r["triggered"] for r in steps),
+        "exploit_onset": onset,
+        "kl_coef_mean": statistics.mean(r["kl_coef"] for r in steps),
+        # the KL term's weight relative to the policy-gradient term's scale (mean |A| differs with k and normalisation)
+        "effective_kl": statistics.mean(r["applied_control"]["kl_coef"] / max(r["advantage_abs_mean"], 1e-9) for r in steps),
+        "probe_share": sum(r["timings"].get("probe", 0.0) for r in steps) / sum(r["step_seconds"] for r in steps),
+        "curves": {k: [r.get(k) for r in steps] for k in ("exploit", "win_rate_lead", "triggered", "kl_coef")},
+    }
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/experiment")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--normal", type=int, default=40)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    ap.add_argument("--dev-seeds", type=int, nargs="*", default=[0], help="seeds the thresholds were chosen on")
+    ap.add_argument("--variants", nargs="+", default=ORDER)
     ap.add_argument("--long", type=int, default=120)
-    ap.add_argument("--prompts-per-step", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--learning-rate", type=float, default=3e-4)
+    ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--kl-coef", type=float, default=0.02)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, start none")
     args = ap.parse_args()
-    import torch
-
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = {
-        "algo": {"steps": args.long, "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
-                 "learning_rate": args.learning_rate, "kl_coef": args.kl_coef},
-        "rollout": {"max_new_tokens": 32},
-        "output": {"eval_every": args.normal, "eval_prompts": 96, "eval_samples": 2, "report": True},
-        "checkpoint": {"every_steps": args.normal},
-    }
-    rows = run_variants(args.variants, base, out, seeds=args.seeds, progress=False)
+    if set(args.seeds) & set(args.dev_seeds):
+        sys.exit(f"--seeds {args.seeds} overlap the development seeds {args.dev_seeds}: report on other seeds")
+
+    jobs = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: a partial grid has whole seeds
+    rows = []
+    if args.report_only:
+        for v, s in jobs:
+            folder = out / v / f"seed{s}"
+            evals = folder / "evals.jsonl"
+            if evals.exists() and any(json.loads(l)["step"] == args.long for l in evals.read_text().splitlines() if l.strip()):
+                rows.append({"variant": v, "seed": s, **summarise(folder, args)})
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {pool.submit(run_one, v, s, out, args): (v, s) for v, s in jobs}
+            for fut, (v, s) in futures.items():
+                try:
+                    rows.append({"variant": v, "seed": s, **summarise(fut.result(), args)})
+                except Exception as exc:  # a failed run is reported, not hidden
+                    print(f"  {v} seed {s} failed: {exc}", flush=True)
+                (out / "results.json").write_text(json.dumps(rows, indent=1))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
+    write_table(rows, args, out)
 
-    def at(row, step, key):
-        return next(e[key] for e in row["evals"] if e["step"] == step)
 
+def write_table(rows: list[dict], args, out: Path) -> None:
+    steps = sorted({s for r in rows for s in r["evals"] if s > 0})
     lines = [
-        f"Oracle win rate vs the SFT reference (held-out prompts, 96 × 2 samples), mean ± std over seeds {args.seeds}; "
-        f"{args.prompts_per_step} prompts × G={args.group_size} per step, lr {args.learning_rate}, β_KL {args.kl_coef}.",
+        f"Oracle win rate against the SFT reference (96 held-out prompts × 2 samples), mean ± 95 % interval over report "
+        f"seeds {args.seeds} (thresholds chosen on seeds {args.dev_seeds}); β_KL {args.kl_coef}.",
         "",
-        f"| variant | oracle win @ {args.normal} steps | oracle win @ {args.long} steps | proxy win @ {args.long} | "
-        f"exploit @ {args.long} (SFT) | interventions |",
-        "|---|---|---|---|---|---|",
+        "| row | n | " + " | ".join(f"oracle win @ {s}" for s in steps)
+        + f" | proxy win @ {args.long} | exploit @ {args.long} | triggers | triggered steps | releases | "
+          "mean β_KL | β_KL / mean abs(A) |",
+        "|---|---|" + "---|" * len(steps) + "---|---|---|---|---|---|---|",
     ]
-    for name in args.variants:
-        rs = [r for r in rows if r["variant"] == name]
-
-        def ms(step, key):
-            vals = [at(r, step, key) for r in rs]
-            return f"{statistics.mean(vals):.3f} ± {statistics.pstdev(vals):.3f}"
-
-        ref = statistics.mean(at(r, args.long, "reference_exploit") for r in rs)
+    for v in [v for v in ORDER if any(r["variant"] == v for r in rows)]:
+        rs = [r for r in rows if r["variant"] == v]
+        at = lambda s, k: [r["evals"].get(s, {}).get(k) for r in rs]  # noqa: E731
         lines.append(
-            f"| {LABELS.get(name, name)} | {ms(args.normal, 'oracle_win_rate')} | {ms(args.long, 'oracle_win_rate')} | "
-            f"{ms(args.long, 'gpm_win_rate')} | {ms(args.long, 'policy_exploit')} ({ref:.2f}) | "
-            f"{statistics.mean(r['interventions'] for r in rs):.1f} |"
+            f"| {LABELS[v]} | {len(rs)} | " + " | ".join(ci(at(s, "oracle_win_rate")) for s in steps)
+            + f" | {ci(at(args.long, 'gpm_win_rate'))} | {ci(at(args.long, 'policy_exploit'))} | "
+              f"{statistics.mean(len(r['triggers']) for r in rs):.1f} | {statistics.mean(r['triggered_steps'] for r in rs):.0f} | "
+              f"{statistics.mean(r['releases'] for r in rs):.1f} | {statistics.mean(r['kl_coef_mean'] for r in rs):.3f} | "
+              f"{ci([r['effective_kl'] for r in rs])} |"
         )
+    # the detector, read from the rows whose monitor only observes: when would it have fired, against when the
+    # exploit set in
+    det = []
+    for r in rows:
+        if r["variant"] in ("gprl_observed", "gpm_scalar"):
+            first = r["triggers"][0] if r["triggers"] else None
+            det.append((r["variant"], r["seed"], first, r["exploit_onset"]))
+    if det:
+        lines += ["", "| observed row | seed | first trigger | exploit onset | lead time (onset − trigger) |", "|---|---|---|---|---|"]
+        for v, s, first, onset in det:
+            lead = "–" if first is None or onset is None else str(onset - first)
+            lines.append(f"| {v} | {s} | {first if first is not None else 'none'} | {onset if onset is not None else 'none'} | {lead} |")
+    shares = [r["probe_share"] for r in rows if r["variant"] in ("gprl", "gprl_global_norm", "gpm_scalar_monitor")]
+    if shares:
+        lines += ["", f"Probe share of step time (monitored rows): {100 * statistics.mean(shares):.2f} % "
+                      f"(max {100 * max(shares):.2f} %)."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    try:
+        curves(rows, out)
+    except Exception as exc:  # noqa: BLE001 - the table matters more than the figure
+        print(f"(no figure: {exc})")
 
+
+def curves(rows: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name in args.variants:
-        rs = [r for r in rows if r["variant"] == name]
-        steps = [[json.loads(l) for l in Path(r["dir"], "steps.jsonl").read_text().splitlines()] for r in rs]
-        n = min(len(s) for s in steps)
+    for v in [v for v in ORDER if any(r["variant"] == v for r in rows)]:
+        rs = [r for r in rows if r["variant"] == v]
+        n = min(len(r["curves"]["exploit"]) for r in rs)
         x = list(range(1, n + 1))
-        ax[0].plot(x, [statistics.mean(s[i]["exploit"] for s in steps) for i in range(n)], label=name)
-        ax[1].plot(x, [statistics.mean(s[i]["oracle_axes"]["relevance"] for s in steps) for i in range(n)], label=name)
-    ax[0].set(title="Exploited axis: topic-word repeats past saturation per response", xlabel="step")
-    ax[1].set(title="Oracle relevance of samples", xlabel="step")
-    ax[0].legend(fontsize=8)
+        ax[0].plot(x, [statistics.mean(r["curves"]["exploit"][i] for r in rs) for i in range(n)], label=v)
+        ax[1].plot(x, [statistics.mean(r["curves"]["kl_coef"][i] for r in rs) for i in range(n)], label=v)
+    ax[0].set(title="Exploit: topic-word repeats past saturation per response", xlabel="step")
+    ax[1].set(title="β_KL the monitor set", xlabel="step")
+    ax[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "exploit.png", dpi=110)
+    fig.savefig(out / "curves.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ class DriftSpec(_Spec):
         "in_process",
         description="Where the drift monitor runs: in the trainer, in the Kubernetes operator, or not at all.",
     )
-    tau: float = Field(0.05, gt=0, description="Trigger threshold τ on D(t) = KL(α(t) ‖ α(0)).")
+    tau: float = Field(0.05, gt=0, description="Trigger threshold τ on D(t) = KL(α(t) ‖ α(t − N)), N = referenceLag.")
     release_ratio: float = Field(0.5, gt=0, lt=1, description="Release when D(t) < release_ratio · τ (hysteresis).")
     eta: float = Field(0.5, gt=0, le=10, description="η, step size of the multiplicative axis-weight update.")
     kappa: float = Field(1.5, ge=1, le=10, description="κ, factor by which β_KL grows (and ε shrinks) per triggered step.")
@@ -248,19 +248,32 @@ class DriftSpec(_Spec):
     eps_min: float = Field(0.05, gt=0, lt=1, description="Smallest ε the monitor may set.")
     tighten_eps: bool = Field(True, description="Also shrink ε_low/ε_high while triggered.")
     relax_time: float = Field(10.0, gt=0, description="Time constant T (steps) of the decay back to baseline.")
-    warmup_steps: int = Field(5, ge=1, le=1_000_000, description="Steps averaged into the baseline spectrum α(0).")
+    warmup_steps: int = Field(5, ge=1, le=1_000_000, description="Steps averaged into the first reference spectrum; the monitor "
+                                                   "decides nothing before.")
+    reference_lag: int = Field(
+        20, ge=1, le=1000,
+        description="N: both signals judge the run against where it was N steps ago (the spectrum α(t − N), the "
+                    "probe's samples of the policy N steps ago), not against step 0, so ordinary progress does not "
+                    "accumulate and the monitor releases once the surge has stopped.",
+    )
     ema: float = Field(0.3, gt=0, le=1, description="EMA factor of the spectrum (1 = no smoothing).")
     lead_tau: float = Field(
-        0.06, ge=0, lt=0.5,
+        0.1, ge=0, lt=0.5,
         description="Trigger threshold τ_L on the win-rate lead L = w_top − max(0.5, w_second) of the per-axis win "
-                    "rates against reference samples (the probe); 0 turns this signal off.",
+                    "rates against samples of the policy referenceLag steps ago (the probe); 0 for k = 1; 0 turns "
+                    "this signal off.",
     )
     probe_every: int = Field(
-        5, ge=0, le=100_000_000, description="Steps between win-rate probes (policy samples against cached reference samples, scored "
-                             "per axis by the GPM); 0 = no probe.",
+        5, ge=0, le=100_000_000, description="Steps between probe steps, on which some of the step's prompts are probe prompts whose "
+                             "rollouts (sampled, scored and trained on as any) are compared per axis with theirs "
+                             "referenceLag steps earlier: the win rates of the lead L, at no extra sampling or "
+                             "scoring; 0 = no probe.",
     )
-    probe_prompts: int = Field(32, ge=1, le=65536, description="Prompts of a probe (the held-out prompts when the data has them).")
-    probe_samples: int = Field(2, ge=1, le=64, description="Samples per prompt of a probe, from the policy and the reference.")
+    probe_prompts: int = Field(
+        16, ge=1, le=65536, description="Probe prompts, taken in turn on probe steps (about probePrompts · probeEvery / "
+                             "referenceLag of them per probe step): training prompts after the first "
+                             "output.evalPrompts, never evaluation prompts.",
+    )
     pinned_weights: Optional[list[float]] = Field(
         None, max_length=64, description="Axis weights fixed by hand (length k, mean 1 after renormalisation); the monitor keeps them."
     )

@@ -9,12 +9,32 @@ from gprl.config import RunSpec, parse_config
 
 # The world is asked for by name (its sources are never a run's defaults); the variants pick its GPM or BT model.
 WORLD = {"model": {"policy": "world:policy"}, "data": {"prompts": "world:prompts"}}
+_GPM, _BT = {"path": "world:gpm", "axes": 3}, {"path": "world:bt", "axes": 1}
+_MONITOR = {"mode": "in_process"}
+# The same monitor with its control pinned at baseline (κ = 1, weights clamped to 1): it measures and logs when it
+# would fire, and changes nothing, so the row is the method without a monitor plus a detector read-out.
+_OBSERVING = {"mode": "in_process", "kappa": 1.0, "weight_min": 1.0, "weight_max": 1.0, "tighten_eps": False}
 VARIANTS = {
-    "gprl": {"gpm": {"path": "world:gpm", "axes": 3}, "algo": {"normalization": "per_axis"}, "drift": {"mode": "in_process"}},
-    "grpo_bt": {"gpm": {"path": "world:bt", "axes": 1}, "algo": {"normalization": "per_axis"}, "drift": {"mode": "off"}},
-    "gprl_no_monitor": {"gpm": {"path": "world:gpm", "axes": 3}, "algo": {"normalization": "per_axis"}, "drift": {"mode": "off"}},
-    "gprl_global_norm": {"gpm": {"path": "world:gpm", "axes": 3}, "algo": {"normalization": "global"}, "drift": {"mode": "in_process"}},
+    "gprl": {"gpm": _GPM, "algo": {"normalization": "per_axis"}, "drift": _MONITOR},
+    "grpo_bt": {"gpm": _BT, "algo": {"normalization": "per_axis"}, "drift": {"mode": "off"}},
+    # k = 1 gives the monitor no axes to compare: no lead, a constant spectrum, so it never acts
+    "grpo_bt_monitor": {"gpm": _BT, "algo": {"normalization": "per_axis"}, "drift": _MONITOR},
+    "gprl_no_monitor": {"gpm": _GPM, "algo": {"normalization": "per_axis"}, "drift": {"mode": "off"}},
+    "gprl_observed": {"gpm": _GPM, "algo": {"normalization": "per_axis"}, "drift": _OBSERVING},
+    "gpm_scalar": {"gpm": _GPM, "algo": {"normalization": "scalar"}, "drift": _OBSERVING},
+    "gpm_scalar_monitor": {"gpm": _GPM, "algo": {"normalization": "scalar"}, "drift": _MONITOR},
+    "gprl_global_norm": {"gpm": _GPM, "algo": {"normalization": "global"}, "drift": _MONITOR},
 }
+
+
+def monitor_of(name: str) -> str:
+    """What the drift monitor does in a variant, for tables."""
+    drift = VARIANTS[name]["drift"]
+    if drift["mode"] == "off":
+        return "off"
+    if drift.get("kappa") == 1.0:
+        return "observing only"
+    return "on (k = 1: never acts)" if VARIANTS[name]["gpm"]["axes"] == 1 else "on"
 
 # The long budget of docs/experiment.md: past ~80 steps every method without a monitor reward-hacks the world's
 # exploit, which is what the demo is there to show (at 40 steps all methods are equal).
@@ -60,14 +80,14 @@ def table(rows: list[dict]) -> str:
     exploit."""
     steps = sorted({e["step"] for r in rows for e in r["evals"] if e["step"] > 0})
     nan = float("nan")
-    lines = ["| variant | seed | " + " | ".join(f"oracle win @ {s}" for s in steps)
+    lines = ["| variant | drift monitor | seed | " + " | ".join(f"oracle win @ {s}" for s in steps)
              + " | proxy (own RM) win | exploit (repeats/response) | interventions |",
-             "|---|---|" + "---|" * len(steps) + "---|---|---|"]
+             "|---|---|---|" + "---|" * len(steps) + "---|---|---|"]
     for r in rows:
         f, at = r["final"], {e["step"]: e for e in r["evals"]}
         wins = " | ".join(f"{at[s].get('oracle_win_rate', nan):.3f}" if s in at else "" for s in steps)
         lines.append(
-            f"| {r['variant']} | {r['seed']} | {wins} | {f['gpm_win_rate']:.3f} | "
+            f"| {r['variant']} | {monitor_of(r['variant'])} | {r['seed']} | {wins} | {f['gpm_win_rate']:.3f} | "
             f"{f.get('policy_exploit', nan):.2f} (SFT {f.get('reference_exploit', nan):.2f}) | {r['interventions']} |"
         )
     return "\n".join(lines)
@@ -80,7 +100,8 @@ def demo(out_dir: str = "runs/demo", steps: int | None = None, log=print) -> str
     torch.set_num_threads(1)
     out = Path(out_dir)
     base = DEMO_BASE if steps is None else _merge(DEMO_BASE, {"algo": {"steps": steps}, "output": {"eval_every": max(1, steps // 3)}})
-    rows = run_variants(["gprl", "grpo_bt"], base, out, log=log)
+    # like with like: both rows run the same drift monitor (on the BT model it has no axes to compare, so never acts)
+    rows = run_variants(["gprl", "grpo_bt_monitor"], base, out, log=log)
     text = table(rows)
     (out / "demo.md").write_text(
         "# GPRL demo\n\nOracle win rate of each trained policy against the SFT reference on held-out prompts; "

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 TRAINER_GAUGES = {
     "gprl_step": "Training steps completed.",
     "gprl_policy_version": "Version of the policy weights (increments per update).",
-    "gprl_drift_divergence": "D(t) = KL(α(t) ‖ α(0)) of the variance spectrum.",
+    "gprl_drift_divergence": "D(t) = KL(α(t) ‖ α(t − N)) of the variance spectrum (N = referenceLag).",
     "gprl_drift_threshold": "Trigger threshold τ of the drift monitor.",
     "gprl_drift_triggered": "1 while the drift monitor is triggered.",
     "gprl_drift_win_rate_lead": "Win-rate lead L = w_top − max(½, w_second) of the last probe (in_process mode).",
@@ -26,10 +26,10 @@ TRAINER_GAUGES = {
 TRAINER_AXIS_GAUGES = {
     "gprl_axis_variance": "E_batch[var_i ŝ_l(i)]: spread of the raw group scores on axis l.",
     "gprl_axis_spectrum": "α_l(t): share of axis l in the variance spectrum.",
-    "gprl_axis_spectrum_baseline": "α_l(0): the start-of-run spectrum.",
+    "gprl_axis_spectrum_baseline": "The reference spectrum D(t) is measured against (α_l(t − N), N = referenceLag).",
     "gprl_axis_weight": "Control weight m_l of axis l.",
     "gprl_axis_eigenvalue": "Mean eigenvalue λ_l(x) over the batch's prompts.",
-    "gprl_axis_win_rate": "Win rate of policy samples against reference samples on axis l (last probe).",
+    "gprl_axis_win_rate": "Win rate of policy samples against the policy's N steps earlier on axis l (last probe).",
 }
 
 

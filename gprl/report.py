@@ -74,7 +74,7 @@ def write_report(run_dir: str | Path) -> Path:
     trig = [r["step"] for r in steps if r["triggered"]]
     if trig:
         a1.scatter(trig, [0] * len(trig), marker="|", color="r", label="triggered")
-    a1.set(title="Drift D(t) = KL(α(t) ‖ α(0))", xlabel="step")
+    a1.set(title="Drift D(t) = KL(α(t) ‖ α(t − N))", xlabel="step")
     a1.legend(fontsize=8)
     for l in range(k):
         a3.plot([r["step"] for r in probes], [r["axis_win_rate"][l] for r in probes], ".-", label=f"w_{l}")

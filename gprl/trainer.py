@@ -197,6 +197,17 @@ class Trainer:
         self.samples: list[dict] = []  # this step's rows for samples.jsonl (sample steps only)
         self.stop_signal: str | None = None  # name of the signal that asked the run to stop
         self._grace_warned = False
+        # The drift probe rides on the step: see probe_prompts_for().
+        d = spec.drift
+        self._probing = d.mode != "off" and d.probe_every > 0 and d.lead_tau > 0 and k > 1
+        self._probe_width = 0
+        if self._probing:
+            from gprl.algo import probe_width
+
+            pool = len(self._probe_pool())
+            self._probe_width = probe_width(pool, d.probe_every, d.reference_lag, spec.algo.prompts_per_step // self.world)
+        self._probe_seen: dict[int, torch.Tensor] = {}  # probe slot -> its last embeddings (p, G, 2k)
+        self._probe_wins: dict[int, tuple[list[float], int]] = {}  # probe slot -> (win rates (k,), pairs) of its last visit
         self.metrics = TrainerMetrics(run=os.environ.get("GPRL_RUN_NAME", self.out.name))
         if spec.output.metrics_port and self.rank == 0:
             self.metrics.serve(spec.output.metrics_port)
@@ -219,6 +230,8 @@ class Trainer:
         control = self.control  # fixed for the whole step
         with timer("generate"):
             prompts = self.sampler.next(algo.prompts_per_step)  # same draw on every rank; each takes its share
+            slot, probe_prompts = self.probe_prompts_for(self.step + 1)
+            prompts = probe_prompts + prompts[len(probe_prompts) :]  # in front: rank 0's share
             if self.world > 1:
                 per = len(prompts) // self.world
                 prompts = prompts[self.rank * per : (self.rank + 1) * per]
@@ -272,18 +285,17 @@ class Trainer:
                 self.policy_version += 1
                 self.rollout.sync_weights(self.policy, self.policy_version)
         win_rate = None
-        if spec.drift.mode != "off" and spec.drift.probe_every and (self.step + 1) % spec.drift.probe_every == 0:
+        if slot is not None:
             with timer("probe"):
-                # every rank probes the same prompts with the same seed; the mean removes any numerical difference,
-                # so every rank's monitor decides the same control
-                win_rate = gdist.all_reduce_mean(torch.tensor(self.probe(), dtype=torch.float64)).tolist()
+                if self.rank == 0:
+                    win_rate = self.probe(slot, v[: len(probe_prompts)], lam[: len(probe_prompts)])
+                win_rate = gdist.broadcast_object(win_rate)  # every rank's monitor decides the same control
         with timer("monitor"):
-            finite = torch.isfinite(axis_var).all() and all(math.isfinite(w) for w in (win_rate or []))
-            if spec.drift.mode == "in_process" and finite:
+            if spec.drift.mode == "in_process":
+                # the monitor counts and skips a non-finite statistic (it never enters the spectrum or the lead)
                 self.control = self.monitor.update(axis_var.tolist(), win_rate)
-            elif spec.drift.mode == "in_process":
-                # a non-finite statistic would stay in the EMA spectrum for good: keep the monitor as it was
-                self.log(f"warning: step {self.step + 1}: non-finite drift statistics; the drift monitor skips this step")
+                if any(e["type"] == "reject" for e in self.monitor.state.events):
+                    self.log(f"warning: step {self.step + 1}: non-finite drift statistics; the drift monitor skips them")
             state = self.monitor.state
         self.step += 1
         elapsed = time.perf_counter() - t0
@@ -351,19 +363,48 @@ class Trainer:
                 return self._sample(self.policy, prompts, n, seed)[1]
         return self._sample(self.reference, prompts, n, seed)[1]
 
-    def probe(self) -> list[float]:
-        """Per-axis win rates of policy samples against reference samples on the probe prompts (the drift monitor's
-        second signal). The reference samples are drawn once; the policy's with the same seed each time, so that
-        successive probes differ by the policy, not by the draw. Runs on every rank (collective-safe)."""
-        from gprl.evaluate import axis_win_rates
+    def _probe_pool(self) -> list[str]:
+        """The probe's prompts: drift.probePrompts training prompts after the first output.evalPrompts (which the
+        evaluation uses when the data has no held-out split), so never an evaluation prompt."""
+        d, start = self.spec.drift, self.spec.output.eval_prompts
+        pool = list(self.sampler.prompts[start : start + d.probe_prompts])
+        if not pool:
+            raise ValueError(
+                f"drift.probePrompts: no training prompts left for the probe after the {start} evaluation prompts "
+                f"({len(self.sampler.prompts)} in all); lower output.evalPrompts, give more prompts, or set "
+                "drift.probeEvery: 0"
+            )
+        return pool
 
+    def probe_prompts_for(self, step: int) -> tuple[int | None, list[str]]:
+        """(slot, prompts) of a probe step, else (None, []). The probe costs no sampling and no scoring of its own:
+        every drift.probeEvery steps, p of the step's prompts are probe prompts (a slot of the pool, in turn), whose
+        G rollouts the step samples, scores and trains on as any other; each slot comes back about every
+        drift.referenceLag steps, and its rollouts then are compared with those of its last visit."""
         d = self.spec.drift
-        pool = self.sources.heldout_prompts or self.sampler.prompts
-        prompts = list(pool[: d.probe_prompts])
-        if getattr(self, "_probe_reference", None) is None:
-            self._probe_reference = self._sample_reference(prompts, d.probe_samples, self.spec.seed + 3)
-        rep, mine = self._sample(self.policy, prompts, d.probe_samples, self.spec.seed + 4)
-        return axis_win_rates(self.gpm, self.gpm_tokenizer, rep, mine, self._probe_reference)
+        if not self._probing or step % d.probe_every:
+            return None, []
+        pool, p = self._probe_pool(), self._probe_width
+        slot = (step // d.probe_every - 1) % -(-len(pool) // p)
+        return slot, pool[slot * p : slot * p + p]
+
+    def probe(self, slot: int, v: torch.Tensor, lam: torch.Tensor) -> list[float] | None:
+        """Per-axis win rates of this step's rollouts on the probe prompts of `slot` against that slot's rollouts at
+        its last visit (the policy ≈ drift.referenceLag steps ago), pooled over the last visit of every slot;
+        None until some slot has been visited twice. v: (p, G, 2k) embeddings; lam: (p, k) eigenvalues."""
+        from gprl.algo import axis_win_rates, pooled_win_rates
+
+        v, lam = v.detach().float().cpu(), lam.detach().float().cpu()
+        if not (torch.isfinite(v).all() and torch.isfinite(lam).all()):
+            return None  # a GPM output gone non-finite: this visit neither compares nor becomes a reference
+        before = self._probe_seen.get(slot)
+        self._probe_seen[slot] = v
+        if before is not None and before.shape == v.shape:
+            self._probe_wins[slot] = (axis_win_rates(v, before, lam).tolist(), v.shape[0] * v.shape[1] ** 2)
+        if not self._probe_wins:
+            return None
+        wins, pairs = zip(*self._probe_wins.values())
+        return pooled_win_rates(torch.tensor(wins), torch.tensor(pairs, dtype=torch.float32)).tolist()
 
     def evaluate(self) -> dict:
         """Win rate of the current policy against the reference on held-out prompts (same seeds each time)."""
@@ -586,6 +627,7 @@ class Trainer:
             "policy_version": self.policy_version,
             "learner": self.learner.state_dict(),
             "monitor": self.monitor.state_dict(),
+            "probe": {"seen": self._probe_seen, "wins": self._probe_wins},
             "control": self.control.to_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": self._rng_state(),
@@ -678,6 +720,8 @@ class Trainer:
         self.step, self.policy_version = state["step"], state["policy_version"]
         self.learner.load_state_dict(state["learner"])
         self.monitor.load_state_dict(state["monitor"])
+        probe = state.get("probe") or {}
+        self._probe_seen, self._probe_wins = dict(probe.get("seen", {})), dict(probe.get("wins", {}))
         self.control = Control(**state["control"])
         self.sampler.load_state_dict(state["sampler"])
         rng = state["rng"]

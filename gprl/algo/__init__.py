@@ -13,6 +13,7 @@ _LAZY = {
         "gprl.algo.per_axis",
     ),
     **dict.fromkeys(["kl_penalty", "masked_aggregate", "policy_loss"], "gprl.algo.loss"),
+    **dict.fromkeys(["axis_pair_scores", "axis_win_rates", "pooled_win_rates", "probe_width"], "gprl.algo.probe"),
 }
 
 

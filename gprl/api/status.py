@@ -68,7 +68,7 @@ class StepStatistics(_Status):
     step: Count
     axis_variance: list[float] = Field(description="E_batch[var_i s_l(i)] per axis l.")
     axis_win_rate: Optional[list[float]] = Field(None, description="Probe steps: per-axis win rate against the "
-                                                 "reference samples.")
+                                                 "probe's rollouts of referenceLag steps earlier.")
     statistics_at: Optional[str] = Field(None, description="When the job recorded the statistics (job clock).")
 
 
@@ -181,7 +181,7 @@ class RunStatus(_Status):
                                             json_schema_extra=TRAINER)
     training: Optional[TrainingReport] = Field(None, description="The job's latest step report.",
                                                json_schema_extra=TRAINER)
-    drift: Optional[float] = Field(None, description="Current drift D(t) = KL(alpha(t) || alpha(0)).",
+    drift: Optional[float] = Field(None, description="Current drift D(t) = KL(alpha(t) || alpha(t - N)), N = spec.drift.referenceLag.",
                                    json_schema_extra=OPERATOR)
     control: Optional[ControlBlock] = Field(None, description="Control block of the drift loop; the job applies "
                                             "it at the next step boundary.", json_schema_extra=OPERATOR)

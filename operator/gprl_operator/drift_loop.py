@@ -55,16 +55,17 @@ CHANGE_TOLERANCE = 1e-4  # relative change of any control field that makes a new
 L = ["namespace", "run"]
 LA = ["namespace", "run", "axis"]
 
-DIVERGENCE = Gauge("gprl_operator_drift_divergence", "D(t) = KL(alpha(t) || alpha(0)) computed by the operator.", L)
+DIVERGENCE = Gauge("gprl_operator_drift_divergence", "D(t) = KL(alpha(t) || alpha(t - N)) computed by the operator.", L)
 THRESHOLD = Gauge("gprl_operator_drift_threshold", "Trigger threshold tau of the run's drift monitor.", L)
 LEAD_THRESHOLD = Gauge("gprl_operator_drift_win_rate_lead_threshold", "Trigger threshold tau_L on the win-rate lead.", L)
 TRIGGERED = Gauge("gprl_operator_drift_triggered", "1 while the run's drift monitor is triggered.", L)
 AXIS_SPECTRUM = Gauge("gprl_operator_drift_axis_spectrum", "alpha_l(t): share of axis l in the variance spectrum.", LA)
-AXIS_BASELINE = Gauge("gprl_operator_drift_axis_spectrum_baseline", "alpha_l(0): start-of-run spectrum.", LA)
+AXIS_BASELINE = Gauge("gprl_operator_drift_axis_spectrum_baseline",
+                      "Reference spectrum D(t) is measured against (alpha_l(t - N), referenceLag N).", LA)
 AXIS_WEIGHT = Gauge("gprl_operator_drift_axis_weight", "Control weight m_l the operator set for axis l.", LA)
 AXIS_VARIANCE = Gauge("gprl_operator_drift_axis_variance", "Last reported E_batch[var_i s_l(i)] of axis l.", LA)
 AXIS_WIN_RATE = Gauge("gprl_operator_drift_axis_win_rate",
-                      "Last probed win rate of policy samples against reference samples on axis l.", LA)
+                      "Last probed win rate of policy samples against the policy's N steps earlier on axis l.", LA)
 LEAD = Gauge("gprl_operator_drift_win_rate_lead", "Win-rate lead L = w_top - max(0.5, w_second) of the last probe.", L)
 KL_COEF = Gauge("gprl_operator_drift_kl_coef", "beta_KL in the operator's control block.", L)
 EPS_LOW = Gauge("gprl_operator_drift_clip_eps_low", "epsilon_low in the operator's control block.", L)
@@ -289,10 +290,10 @@ def _explain(t: _Tick, ev: dict, step: int) -> None:
         else:
             what = (f"D(t) = {ev['divergence']:.4g} > tau = {spec.drift.tau:g} at step {step}: "
                     f"axis {top} holds {ms.spectrum[top]:.3f} of the variance spectrum "
-                    f"(start of run: {ms.baseline[top]:.3f})")
+                    f"(reference, N steps back: {ms.baseline[top]:.3f})")
         d.events.append({"type": "Warning", "reason": "DriftDetected",
                          "message": what + "; down-weighting it and tightening the trust region"})
-    else:
+    elif ev["type"] == "release":
         d.reason = d.reason or "Release"
         d.events.append({"type": "Normal", "reason": "DriftReleased",
                          "message": f"D(t) = {ev['divergence']:.4g} < {spec.drift.release_ratio:g} tau and "
@@ -356,7 +357,7 @@ def _condition(run: dict, spec: RunSpec, ms: Any, now: str) -> dict:
                      if isinstance(c, dict) and c.get("type") == CONDITION), {})
     value = "True" if ms.triggered else "False"
     if ms.baseline is None:
-        reason, msg = "WarmingUp", f"measuring the start-of-run spectrum ({ms.step}/{spec.drift.warmup_steps} steps)"
+        reason, msg = "WarmingUp", f"measuring the first reference spectrum ({ms.step}/{spec.drift.warmup_steps} steps)"
     elif ms.triggered:
         reason = "DriftAboveThreshold"
         msg = f"D(t) = {ms.divergence:.4g} > tau = {spec.drift.tau:g}; {ms.interventions} intervention(s)"

@@ -295,7 +295,7 @@ def world_spec(mode: str) -> dict:
         "data": {"prompts": "world:prompts"},
         "algo": {"steps": WORLD_STEPS, "promptsPerStep": 4, "groupSize": 8, "learningRate": 3e-4, "klCoef": 0.02},
         "rollout": {"maxNewTokens": 32},
-        "drift": {"mode": mode, "leadTau": 0.06, "probeEvery": 5, "reportIntervalSeconds": 0.2},
+        "drift": {"mode": mode, "probeEvery": 5, "reportIntervalSeconds": 0.2},
         "checkpoint": {"everySteps": 100000, "keepLast": 1},
         "output": {"evalEvery": WORLD_STEPS, "evalPrompts": 96, "evalSamples": 2, "report": False, "progress": False},
         "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},

@@ -10,11 +10,12 @@ def test_demo_trains_both_variants_and_writes_the_table(tmp_path):
 
     text = demo(str(tmp_path / "demo"), steps=6, log=lambda *_: None)
     header, _, *rows = text.splitlines()
-    assert [c.strip() for c in header.split("|")[3:6]] == ["oracle win @ 2", "oracle win @ 4", "oracle win @ 6"]
-    assert [r.split("|")[1].strip() for r in rows] == ["gprl", "grpo_bt"]
+    assert [c.strip() for c in header.split("|")[4:7]] == ["oracle win @ 2", "oracle win @ 4", "oracle win @ 6"]
+    assert [r.split("|")[1].strip() for r in rows] == ["gprl", "grpo_bt_monitor"]
+    assert [r.split("|")[2].strip() for r in rows] == ["on", "on (k = 1: never acts)"]
     for r in rows:
-        wins = [float(c) for c in r.split("|")[3:6]]
+        wins = [float(c) for c in r.split("|")[4:7]]
         assert all(0.0 <= w <= 1.0 for w in wins)
     assert (tmp_path / "demo" / "demo.md").read_text().count("| gprl |") == 1
-    for variant in ("gprl", "grpo_bt"):
+    for variant in ("gprl", "grpo_bt_monitor"):
         assert (tmp_path / "demo" / variant / "seed0" / "report" / "summary.md").exists()

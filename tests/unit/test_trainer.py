@@ -100,7 +100,8 @@ def test_exporter_serves_the_documented_metrics(assets, tmp_path):
     from gprl.trainer import Trainer
 
     port = _free_port()
-    Trainer(spec_for(assets, tmp_path / "run", **{"algo.steps": 1, "output.metrics_port": port, "drift.probe_every": 1}),
+    Trainer(spec_for(assets, tmp_path / "run", **{"algo.steps": 2, "output.metrics_port": port, "drift.probe_every": 1,
+                                               "drift.probe_prompts": 1}),
             log=lambda *_: None).train()
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     for name in [*TRAINER_GAUGES, *TRAINER_AXIS_GAUGES, "gprl_drift_interventions_total", "gprl_step_seconds_bucket"]:
