@@ -14,52 +14,16 @@ import pytest
 import torch
 import yaml
 
+from benchmarks.gpu.real_model import CHAT_TEMPLATE, build_hub_model
+
 REPO = "tiny-org/tiny-chat-llama"
 REV = "0123456789abcdef0123456789abcdef01234567"
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-CORPUS = [
-    "Here is a list:\n- apples\n- pears\n- plums\n",
-    "def add(a, b):\n    return a + b\n",
-    "First line.\nSecond line.\n\nA new paragraph.\n",
-    "Steps:\n1. open the file\n2. read each line\n3. close it\n",
-    "The answer is yes.\nThe reason is simple.\n",
-] * 20
-
-
-def build_hub_model(cache: Path, repo: str = REPO, rev: str = REV) -> Path:
-    """A random tiny Llama + BPE tokenizer + chat template in the hub-cache layout (models--org--name/snapshots/<rev>,
-    refs/main). Returns the snapshot folder."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
-    core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|end|>", pad_token="<|pad|>",
-                                  chat_template=CHAT_TEMPLATE, model_max_length=256)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    org, name = repo.split("/")
-    root = cache / f"models--{org}--{name}"
-    snap = root / "snapshots" / rev
-    model.save_pretrained(snap)
-    tok.save_pretrained(snap)
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(rev)
-    return snap
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     cache = tmp_path / "hf-cache"
-    snap = build_hub_model(cache)
+    snap = build_hub_model(cache, REPO, REV, "tiny")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     return snap
