@@ -133,3 +133,15 @@ def test_export_refuses_to_push_offline_and_keeps_the_folder(hub, tmp_path, caps
 
     assert main(["export", str(hub), "--out", str(tmp_path / "out"), "--push-to", "me/model"]) == 2
     assert "offline mode is on" in capsys.readouterr().err and (tmp_path / "out" / "config.json").exists()
+
+
+def test_the_documented_real_model_recipe_is_a_valid_config():
+    import re
+
+    from gprl.config import parse_config
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    recipe = text[text.index("## A real-model recipe"):]
+    spec = parse_config(yaml.safe_load(re.search(r"```yaml\n(.*?)```", recipe, re.S).group(1)))
+    assert spec.model.policy == "meta-llama/Meta-Llama-3-8B-Instruct" and spec.gpm.axes == 3
+    assert spec.algo.group_size == 8 and spec.rollout.max_new_tokens == 512
