@@ -639,9 +639,13 @@ class Trainer:
 
     def _check_finite_weights(self) -> None:
         """Never write a checkpoint that every resume would then load: a non-finite weight is a bug to stop at."""
-        bad = [n for n, p in self.policy.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-        if bad:
-            raise RuntimeError(f"non-finite policy weights at step {self.step} ({bad[:3]}); no checkpoint written")
+        # under ZeRO-3 a parameter is a placeholder and this rank's partition is its ds_tensor; every rank checks
+        # its own part and all decide together (the checkpoint is collective)
+        bad = [n for n, p in self.policy.named_parameters()
+               if p.requires_grad and not torch.isfinite(getattr(p, "ds_tensor", p)).all()]
+        if gdist.all_reduce_max(int(bool(bad))):
+            raise RuntimeError(f"non-finite policy weights at step {self.step} ({bad[:3] or 'on another rank'}); "
+                               "no checkpoint written, the previous ones are intact")
 
     def save_checkpoint(self) -> Path:
         if hasattr(self.learner, "save"):
@@ -665,6 +669,7 @@ class Trainer:
         share), rank 0 adds the trainer state and the manifest last and renames the folder into place. Layout:
         learner/ (DeepSpeed: model + partitioned optimizer), rng-rank<r>.{json,safetensors}, trainer_state.{json,
         safetensors}, config.yaml, manifest.json, and in the final checkpoint policy/ (a plain Hugging Face export)."""
+        self._check_finite_weights()
         path = self.checkpoint_root / f"step-{self.step:08d}"
         tmp = self.checkpoint_root / f".step-{self.step:08d}.partial"
         if self.rank == 0:

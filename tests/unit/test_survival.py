@@ -320,3 +320,14 @@ def test_a_pickled_checkpoint_of_an_earlier_version_is_never_unpickled(tmp_path)
     with pytest.raises(InvalidCheckpoint, match="earlier version, with a pickled trainer state"):
         verify_manifest(old)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_non_finite_weights_are_never_checkpointed(tiny_assets, tmp_path):
+    from gprl.trainer import Trainer
+
+    t = Trainer(spec_for(tiny_assets, tmp_path / "run"), log=quiet)
+    with torch.no_grad():
+        next(t.policy.parameters())[0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite policy weights at step 0"):
+        t.save_checkpoint()
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))  # not even a temp folder
