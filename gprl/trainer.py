@@ -259,13 +259,13 @@ class Trainer:
             good = ~bad
             axis_var = (axis_variance(scores[good]) if good.any()  # no good group: NaN, and the monitor skips
                         else torch.full((k,), float("nan"), dtype=scores.dtype, device=scores.device)).cpu()
-            lam = lam[good].cpu()
+            lam_good = lam[good].cpu()  # (lam itself stays aligned with v: the probe reads both by prompt)
             self._keep_samples(batch, scores, adv, bad_rows)
             lengths = batch.response_mask.sum(dim=1).float().cpu()
             # Statistics of the whole step (all ranks; equal shares, so the mean of rank means is the global
             # mean): every rank feeds the same axis variances to its monitor and gets the same control.
             summary = gdist.all_reduce_mean(
-                torch.cat([axis_var.float(), lam.float().mean(dim=0), torch.stack([
+                torch.cat([axis_var.float(), lam_good.float().mean(dim=0), torch.stack([
                     lengths.mean(), adv.abs().mean().float().cpu(), torch.tensor(float(batch.num_tokens)),
                     bad_rows.sum().float().cpu()])])
             )
