@@ -3,6 +3,8 @@
 `build_children(run)` returns, in apply order:
 
     ConfigMap       <run>-config       the rendered run configuration (config.yaml)
+    NetworkPolicy   <run>              only the run's own pods reach its pods (servers, rendezvous); the monitoring
+                                       namespace reaches the metrics and server ports
     ServiceAccount  <run>-trainer      identity of the job's pods
     Role            <run>-trainer      get/list/watch its own GPRLRun, patch its status; nothing else
     RoleBinding     <run>-trainer
@@ -13,6 +15,10 @@
     [disaggregated] Deployment+Service <run>-gpm       GPM scoring servers behind one load-balanced Service
     Job             <run>              indexed batch/v1 Job, one pod per learner rank
 
+Besides these, `token_secret(run, token)` is the run's server token (Secret <run>-server-token), which the handler
+creates once with a random token and never overwrites (a new token would lock the learner out of running servers);
+every pod mounts it and finds it through $GPRL_SERVER_TOKEN_FILE.
+
 Every object carries the run's labels and a controller owner reference to the run, so deleting the run
 garbage-collects them. `run_status(...)` computes the operator's part of the run's status from the Job.
 """
@@ -20,6 +26,7 @@ garbage-collects them. `run_status(...)` computes the operator's part of the run
 from __future__ import annotations
 
 import copy
+import os
 import posixpath
 from typing import Any, Optional
 
@@ -37,6 +44,10 @@ GPM_PORT = 8001
 WORKDIR = "/workspace"
 CONFIG_DIR = "/etc/gprl"
 RUN_AS_USER = 1000
+TOKEN_DIR = "/etc/gprl-token"
+TOKEN_KEY = "token"
+# The namespace whose pods may scrape the runs' metrics and server ports (chart value networkPolicy.monitoringNamespace)
+MONITORING_NAMESPACE = os.environ.get("GPRL_MONITORING_NAMESPACE", "monitoring")
 
 # Operator-owned condition types (DriftDetected belongs to the drift loop).
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "PodFailed")
@@ -103,6 +114,8 @@ def names(run: dict) -> dict[str, str]:
         "job": n,
         "rollout": f"{n}-rollout",
         "gpm": f"{n}-gpm",
+        "token": f"{n}-server-token",
+        "policy": n,
     }
 
 
@@ -174,6 +187,7 @@ def _env(run: dict, spec: RunSpec, extra: list[dict] | None = None) -> list[dict
         {"name": "HOME", "value": "/home/gprl"},
         {"name": "HF_HOME", "value": "/home/gprl/.cache/huggingface"},
         {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "GPRL_SERVER_TOKEN_FILE", "value": f"{TOKEN_DIR}/{TOKEN_KEY}"},
     ]
     if spec.resources.gpus == 0:
         env.append({"name": "CUDA_VISIBLE_DEVICES", "value": ""})
@@ -187,12 +201,14 @@ def _volumes(run: dict, spec: RunSpec, with_claim: bool) -> tuple[list[dict], li
         {"name": "tmp", "emptyDir": {}},
         {"name": "home", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "server-token", "secret": {"secretName": n["token"], "defaultMode": 0o440}},
     ]
     mounts = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "home", "mountPath": "/home/gprl"},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "server-token", "mountPath": TOKEN_DIR, "readOnly": True},
     ]
     if with_claim:
         claim = spec.resources.checkpoint_claim or n["claim"]
@@ -356,7 +372,9 @@ def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
         container = {
             "name": role,
             "image": spec.resources.image,
-            "command": ["gprl", command, "--config", f"{CONFIG_DIR}/config.yaml", "--port", str(port)],
+            # all interfaces of the pod: the run's NetworkPolicy and token decide who gets in
+            "command": ["gprl", command, "--config", f"{CONFIG_DIR}/config.yaml", "--host", "0.0.0.0",
+                        "--port", str(port)],
             "env": _env(run, spec),
             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
@@ -409,6 +427,42 @@ def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
                  "spec": {"selector": sel, "ports": ports}}
             )
     return out
+
+
+def token_secret(run: dict, token: str) -> dict[str, Any]:
+    """The run's server token: required by its rollout and GPM servers, sent by its learner (immutable: a token
+    is never rotated under running servers; a new run gets a new one)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(run, names(run)["token"], "token"),
+        "type": "Opaque",
+        "immutable": True,
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+def network_policy(run: dict, spec: RunSpec, monitoring_namespace: str = MONITORING_NAMESPACE) -> dict[str, Any]:
+    """Ingress to the run's pods: from the run's own pods on any port (the servers, the rendezvous port and the
+    process-group ports torch.distributed opens), and from the monitoring namespace on the metrics and server
+    ports (/metrics needs no token; every other server route does)."""
+    run_pods = {"gprl.dev/run": run["metadata"]["name"]}
+    metrics_port = spec.output.metrics_port or TRAINER_PORT_METRICS
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(run, names(run)["policy"], "network"),
+        "spec": {
+            "podSelector": {"matchLabels": run_pods},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": run_pods}}]},
+                {"from": [{"namespaceSelector": {"matchLabels": {
+                    "kubernetes.io/metadata.name": monitoring_namespace}}}],
+                 "ports": [{"protocol": "TCP", "port": p} for p in (metrics_port, ROLLOUT_PORT, GPM_PORT)]},
+            ],
+        },
+    }
 
 
 STOPPED_EXIT_CODE = 143  # `gprl train --exit-code-on-stop`: stopped by a signal after a checkpoint (128 + SIGTERM)
@@ -469,7 +523,7 @@ def build_children(run: dict) -> list[dict[str, Any]]:
     """Every object the run needs, in the order they should be applied (the Job last)."""
     run = copy.deepcopy(run)
     spec = run_spec(run)
-    out = [config_map(run, spec), *rbac(run)]
+    out = [config_map(run, spec), network_policy(run, spec), *rbac(run)]
     pvc = checkpoint_claim(run, spec)
     if pvc is not None:
         out.append(pvc)

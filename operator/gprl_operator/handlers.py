@@ -28,7 +28,7 @@ from gprl_operator.children import (
     pod_failure,
     run_status,
 )
-from gprl_operator.kube import ApiError, Kube, shared
+from gprl_operator.kube import ApiError, Kube, path_of, shared
 
 log = logging.getLogger("gprl_operator")
 
@@ -169,6 +169,8 @@ def reconcile(body: Any, meta: Any, namespace: str, name: str, logger: logging.L
         raise kopf.PermanentError(str(exc)) from None
     job = None
     try:
+        child = {"kind": "Secret", "metadata": {"name": f"{name}-server-token"}}  # names it in the error below
+        ensure_token_secret(run)
         for child in children:
             applied = kube().apply(child)
             if child["kind"] == "Job":
@@ -187,6 +189,24 @@ def reconcile(body: Any, meta: Any, namespace: str, name: str, logger: logging.L
     write_status(run, job, trigger="reconcile", generation=generation)
     log.info("reconciled %s/%s generation %d: %d children applied, phase %s", namespace, name, generation,
              len(children), _phases.get((namespace, name), "?"))
+
+
+def ensure_token_secret(run: dict) -> None:
+    """The run's server token: created once with a random value, never overwritten (running servers and the
+    learner hold it). A create that races another replica's finds it there (409), which is as good."""
+    import secrets
+
+    from gprl_operator.children import token_secret
+
+    secret = token_secret(run, secrets.token_hex(32))
+    meta = secret["metadata"]
+    if kube().get("v1", "Secret", meta["namespace"], meta["name"]) is not None:
+        return
+    try:
+        kube().request("POST", path_of("v1", "Secret", meta["namespace"]), secret)
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

@@ -99,6 +99,7 @@ CHILD_KINDS = {
     "configmaps": "/api/v1", "serviceaccounts": "/api/v1", "services": "/api/v1",
     "persistentvolumeclaims": "/api/v1", "roles": "/apis/rbac.authorization.k8s.io/v1",
     "rolebindings": "/apis/rbac.authorization.k8s.io/v1", "jobs": "/apis/batch/v1",
+    "secrets": "/api/v1", "networkpolicies": "/apis/networking.k8s.io/v1",
 }
 
 

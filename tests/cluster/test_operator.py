@@ -5,6 +5,7 @@ Succeeded / a failed pod."""
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.cluster
 T = 90  # seconds; generous: the control plane shares two CPUs with everything else on a CI box
 
 EXPECTED = {"configmaps": 1, "serviceaccounts": 1, "roles": 1, "rolebindings": 1, "persistentvolumeclaims": 1,
-            "services": 2, "jobs": 1}
+            "services": 2, "jobs": 1, "secrets": 1, "networkpolicies": 1}
 
 
 class Operator:
@@ -106,6 +107,19 @@ def test_create_makes_children_with_owner_references(control_plane, operator, na
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     (cm,) = kids["configmaps"]
     assert yaml.safe_load(cm["data"]["config.yaml"])["algo"]["groupSize"] == 4
+    # the run's server token: random, immutable, mounted into the learner; only the run's pods reach its pods
+    (secret,) = kids["secrets"]
+    assert secret["metadata"]["name"] == "alpha-server-token" and secret["immutable"] is True
+    token = base64.b64decode(secret["data"]["token"]).decode()
+    assert len(token) == 64 and int(token, 16) >= 0
+    assert {"name": "server-token", "mountPath": "/etc/gprl-token", "readOnly": True} in c["volumeMounts"]
+    (policy,) = kids["networkpolicies"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"gprl.dev/run": "alpha"}
+    # a later reconcile (a spec change) keeps the token: it is created once, never overwritten
+    assert patch_run(cp, namespace, "alpha", {"spec": {"suspend": True}})[0] == 200
+    wait_for(lambda: reconciled(cp, namespace, "alpha", generation=2), T, what="alpha generation 2")
+    (again,) = children_of(cp, namespace, "alpha")["secrets"]
+    assert again["data"]["token"] == secret["data"]["token"]
     assert run["status"]["phase"] in ("Pending", "Running")
     assert run["status"]["jobName"] == "alpha"
 
@@ -389,6 +403,14 @@ def test_disaggregated_run_is_accepted_and_its_pod_graph_comes_up(control_plane,
         pod = cp.request("GET", f"/api/v1/namespaces/{namespace}/pods/disagg-rollout-{i}")
         assert pod["spec"]["hostname"] == f"disagg-rollout-{i}" and pod["spec"]["subdomain"] == "disagg-rollout"
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "StatefulSet"
+        # the server requires the run's token: its pod mounts the run's Secret and binds the pod's interfaces
+        (vol,) = [v for v in pod["spec"]["volumes"] if v["name"] == "server-token"]
+        assert vol["secret"]["secretName"] == "disagg-server-token"
+        (c,) = pod["spec"]["containers"]
+        assert {"name": "GPRL_SERVER_TOKEN_FILE", "value": "/etc/gprl-token/token"} in c["env"]
+        assert "--host" in c["command"]
+    (policy,) = children_of(cp, namespace, "disagg")["networkpolicies"]
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == uid
 
 
 def test_a_pod_stopped_by_sigterm_is_replaced_without_using_the_backoff_limit(control_plane, operator,

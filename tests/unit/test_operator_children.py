@@ -102,8 +102,8 @@ def test_every_runspec_leaf_is_in_the_crd():
 def test_default_run_children():
     kids = build_children(make_run())
     kinds = [c["kind"] for c in kids]
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Service",
-                     "Service", "Job"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim",
+                     "Service", "Service", "Job"]
     for c in kids:
         assert c["metadata"]["namespace"] == "ml"
         (ref,) = c["metadata"]["ownerReferences"]
@@ -235,7 +235,8 @@ def test_rollout_servers_are_a_statefulset_behind_a_headless_service():
     assert spec["selector"]["matchLabels"] == sel == svc["spec"]["selector"]
     assert sel.items() <= spec["template"]["metadata"]["labels"].items()
     (c,) = spec["template"]["spec"]["containers"]
-    assert c["command"] == ["gprl", "serve-rollout", "--config", "/etc/gprl/config.yaml", "--port", "8000"]
+    assert c["command"] == ["gprl", "serve-rollout", "--config", "/etc/gprl/config.yaml", "--host", "0.0.0.0",
+                            "--port", "8000"]
     assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "volumeClaimTemplates" not in spec  # no per-pod state: a replaced pod is re-synced by the learner
@@ -332,3 +333,34 @@ def test_operator_with_drift_loop_imports_without_torch():
     # gprl.algo.drift is torch-free, but gprl/algo/__init__.py imports the tensor modules eagerly
     out = _import_without_torch({})
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_server_token_and_network_policy():
+    """Every pod mounts the run's token Secret and finds it through GPRL_SERVER_TOKEN_FILE; servers bind all pod
+    interfaces; the NetworkPolicy admits the run's own pods, and the monitoring namespace on metrics/server ports."""
+    from gprl_operator.children import GPM_PORT, ROLLOUT_PORT, TOKEN_DIR, network_policy, run_spec, token_secret
+
+    run = make_run(spec={"resources": {"topology": "disaggregated", "rolloutReplicas": 2}})
+    kids = build_children(run)
+    name = run["metadata"]["name"]
+    pods = [k["spec"]["template"]["spec"] for k in kids if k["kind"] in ("Job", "StatefulSet", "Deployment")]
+    assert len(pods) == 3
+    for pod in pods:
+        (vol,) = [v for v in pod["volumes"] if v["name"] == "server-token"]
+        assert vol["secret"]["secretName"] == f"{name}-server-token"
+        c = pod["containers"][0]
+        assert {"name": "server-token", "mountPath": TOKEN_DIR, "readOnly": True} in c["volumeMounts"]
+        assert {"name": "GPRL_SERVER_TOKEN_FILE", "value": f"{TOKEN_DIR}/token"} in c["env"]
+        if c["name"] != "trainer":
+            assert c["command"][c["command"].index("--host") + 1] == "0.0.0.0"
+    (pol,) = [k for k in kids if k["kind"] == "NetworkPolicy"]
+    assert pol["spec"]["podSelector"] == {"matchLabels": {"gprl.dev/run": name}}
+    own, monitoring = pol["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"gprl.dev/run": name}}}]}
+    assert monitoring["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert {p["port"] for p in monitoring["ports"]} == {9400, ROLLOUT_PORT, GPM_PORT}
+    other = network_policy(run, run_spec(run), "observability")["spec"]["ingress"][1]["from"][0]
+    assert other["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] == "observability"
+    sec = token_secret(run, "abc")
+    assert sec["immutable"] is True and sec["stringData"] == {"token": "abc"}
+    assert sec["metadata"]["ownerReferences"][0]["kind"] == "GPRLRun"

@@ -60,6 +60,14 @@ app.kubernetes.io/component: operator
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
+# each run's server token: created once, read back by name (no list: the operator sees no other Secret)
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create"]
+# each run's NetworkPolicy (only its own pods reach its servers and rendezvous port)
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
 # pod failures of the runs' Jobs show in the runs' conditions
 - apiGroups: [""]
   resources: ["pods"]
