@@ -125,8 +125,11 @@ def test_operator_detects_drift_reweights_and_tightens_and_the_trainer_applies_i
     trainer, history = start_run(cp, namespace, name, run_spec(assets, "operator", STEPS), tmp_path / "on",
                                  prom=prometheus)
     # both sides are scraped while the run goes on (the trainer's endpoint lives as long as its process)
-    wait_for(lambda: prometheus.up() == {"gprl-operator": 1.0, "gprl-runs": 1.0}, 60,
-             what=f"Prometheus scraping the operator and the trainer:\n{prometheus.log_tail()}")
+    def scraped():
+        assert trainer.proc.poll() is None, trainer.text()[-3000:]  # a trainer that died has nothing to scrape
+        return prometheus.up() == {"gprl-operator": 1.0, "gprl-runs": 1.0}
+
+    wait_for(scraped, 120, 1.0, what=f"Prometheus scraping the operator and the trainer:\n{prometheus.log_tail()}")
     records = finish(trainer, history, cp, namespace, name, STEPS)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
 
