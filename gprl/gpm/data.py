@@ -65,19 +65,19 @@ def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as fh:
-        lineno = 0
-        try:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{lineno}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{lineno + 1}: not UTF-8 text; JSON Lines expected (parquet files need a .parquet "
-                            f"name)") from None
+    with open(path, "rb") as fh:  # bytes, decoded per line: a bad byte is reported at its own line
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text; JSON Lines expected (parquet files need a "
+                                f".parquet name)") from None
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
 
 
 DATA_FILES = (".jsonl", ".json", ".parquet")
