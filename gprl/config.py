@@ -388,7 +388,7 @@ class ResourcesSpec(_Spec):
         default_factory=dict, description="Node labels the pods must match (e.g. a GPU product)."
     )
     termination_grace_period_seconds: int = Field(
-        600, ge=30, le=86400, json_schema_extra=RESTART,
+        600, ge=30, le=86400,
         description="Time a trainer pod gets between SIGTERM (eviction, preemption) and SIGKILL: it must cover the "
         "rest of a step plus one checkpoint write, after which the trainer exits.",
     )
