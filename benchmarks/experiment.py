@@ -99,12 +99,18 @@ def summarise(folder: Path, args) -> dict:
     exploit = [r["exploit"] for r in steps]
     # exploit onset: first step whose 10-step running mean of the exploit exceeds 0.15 repeats per response
     onset = next((s + 1 for s in range(9, len(exploit)) if statistics.mean(exploit[s - 9 : s + 1]) > 0.15), None)
+    # where the oracle's judgement of the training samples peaks (20-step running mean of the transitive utility):
+    # after it, the run is getting worse by the oracle's measure
+    util = [r["oracle_axes"]["utility"] for r in steps if "oracle_axes" in r]
+    smooth = [statistics.mean(util[max(0, s - 19) : s + 1]) for s in range(len(util))]
+    peak = max(range(len(smooth)), key=lambda s: smooth[s]) + 1 if smooth else None
     return {
         "evals": {s: {k: e.get(k) for k in ("oracle_win_rate", "gpm_win_rate", "policy_exploit")} for s, e in evals.items()},
         "triggers": trig,
         "releases": sum(1 for r in steps if r["triggered"] == 0 and r["step"] > 1 and steps[r["step"] - 2]["triggered"] == 1),
         "triggered_steps": sum(r["triggered"] for r in steps),
         "exploit_onset": onset,
+        "oracle_peak": peak if peak is not None and peak < len(steps) else None,  # None: still rising at the end
         "kl_coef_mean": statistics.mean(r["kl_coef"] for r in steps),
         # the KL term's weight relative to the policy-gradient term's scale (mean |A| differs with k and normalisation)
         "effective_kl": statistics.mean(r["applied_control"]["kl_coef"] / max(r["advantage_abs_mean"], 1e-9) for r in steps),
@@ -178,12 +184,21 @@ def write_table(rows: list[dict], args, out: Path) -> None:
     for r in rows:
         if r["variant"] in ("gprl_observed", "gpm_scalar"):
             first = r["triggers"][0] if r["triggers"] else None
-            det.append((r["variant"], r["seed"], first, r["exploit_onset"]))
+            det.append((r["variant"], r["seed"], r["triggers"], r["exploit_onset"], r.get("oracle_peak")))
     if det:
-        lines += ["", "| observed row | seed | first trigger | exploit onset | lead time (onset − trigger) |", "|---|---|---|---|---|"]
-        for v, s, first, onset in det:
-            lead = "–" if first is None or onset is None else str(onset - first)
-            lines.append(f"| {v} | {s} | {first if first is not None else 'none'} | {onset if onset is not None else 'none'} | {lead} |")
+        lines += ["", "| observed row | seed | would-be triggers (step) | exploit onset | oracle peak | "
+                      "lead time to onset | lead time to peak |", "|---|---|---|---|---|---|---|"]
+        for v, s, trig, onset, peak in det:
+            first = trig[0] if trig else None
+            # the trigger that answers the exploit: the first at or after 10 steps before its onset
+            hit = next((t for t in trig if onset is not None and t >= onset - 10), None)
+            name = lambda x: "none" if x is None else str(x)  # noqa: E731
+            lines.append(f"| {v} | {s} | {', '.join(map(str, trig)) or 'none'} | {name(onset)} | {name(peak)} | "
+                         f"{'–' if hit is None or onset is None else onset - hit} | "
+                         f"{'–' if hit is None or peak is None else peak - hit} |")
+        early = sum(1 for _, _, trig, onset, _ in det for t in trig if onset is None or t < onset - 10)
+        lines += ["", f"Would-be triggers more than 10 steps before the exploit's onset (or in runs where it never "
+                      f"set in), i.e. false positives: {early} in {len(det)} observed runs × 120 steps."]
     shares = [r["probe_share"] for r in rows if r["variant"] in ("gprl", "gprl_global_norm", "gpm_scalar_monitor")]
     if shares:
         lines += ["", f"Probe share of step time (monitored rows): {100 * statistics.mean(shares):.2f} % "
