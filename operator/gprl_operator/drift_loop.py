@@ -484,7 +484,7 @@ def tick(run: dict, kube: Any, memo: Any = None) -> Decision:
     return d
 
 
-@kopf.index(GROUP, VERSION, PLURAL, id="drift-runs", when=_operator_mode)
+@kopf.index(GROUP, VERSION, PLURAL, when=_operator_mode)
 def drift_runs(namespace: str, name: str, **_: Any) -> dict:
     """The runs whose drift monitor this operator runs (for the gauge; kopf keeps it current)."""
     return {(namespace, name): True}
