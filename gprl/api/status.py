@@ -46,8 +46,17 @@ class _Status(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
     def wire(self) -> dict[str, Any]:
-        """camelCase, without unset optional fields (what goes into a patch)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """camelCase, without unset optional fields or empty mappings (what goes into a patch: server-side apply
+        turns an empty mapping into null, which a typed object field refuses)."""
+        return _drop_empty_maps(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def _drop_empty_maps(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _drop_empty_maps(v) for k, v in node.items() if not (isinstance(v, dict) and not v)}
+    if isinstance(node, list):
+        return [_drop_empty_maps(v) for v in node]
+    return node
 
 
 class Condition(_Status):

@@ -140,3 +140,25 @@ def test_malformed_hand_written_control_is_refused_and_restored():
     # seen once, refused once
     d3 = decide(run_of({**status, **d2.status}), NOW, d2.state)
     assert d3.events == []
+
+
+def test_status_patch_has_no_empty_mappings():
+    """Server-side apply turns `{}` into null, which the typed status schema refuses (gprl.api.status)."""
+    from gprl_operator.drift_loop import decide
+
+    status = {"training": {"step": 2, "history": hist([1, 2], exploit=0), "reportedAt": NOW}}
+    d = decide(run_of(status), NOW)
+    assert d.status["driftMonitor"]["decidedAt"]  # generation 1 decided, not yet acknowledged
+    gen = d.status["control"]["generation"]
+    status = {**status, **d.status, "training": {"step": 4, "history": hist([3, 4], exploit=0), "reportedAt": NOW,
+                                                  "appliedControlGeneration": gen}}
+    d2 = decide(run_of(status), NOW, d.state)
+    assert d2.fed == 2 and d2.status["control"]["generation"] == gen  # fed, no new decision, all acknowledged
+    assert "decidedAt" not in d2.status["driftMonitor"]
+
+    def empty_maps(node, path=""):
+        if isinstance(node, dict):
+            return ([path] if not node else []) + [p for k, v in node.items() for p in empty_maps(v, f"{path}.{k}")]
+        return [p for i, v in enumerate(node) for p in empty_maps(v, f"{path}[{i}]")] if isinstance(node, list) else []
+
+    assert d2.status is not None and empty_maps(d2.status) == []
