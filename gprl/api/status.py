@@ -163,7 +163,8 @@ class DriftMonitorState(_Status):
     last_step: Count = Field(0, description="Last training step fed to the monitor.")
     generation: Count = Field(0, description="Last control generation decided (or adopted, or refused).")
     control: Optional[ControlBlock] = Field(None, description="The last block this loop wrote or adopted.")
-    refused_generation: Optional[Count] = None
+    refused_generation: Optional[Count] = Field(None, description="Last hand-written generation refused.")
+    adopted_generation: Optional[Count] = Field(None, description="Last hand-written generation adopted.")
     triggered: bool = False
     decided_at: dict[str, float] = Field(default_factory=dict, description="Generation -> unix time it was "
                                          "decided, for generations not yet acknowledged.")

@@ -219,9 +219,11 @@ def _consider_foreign_control(t: _Tick) -> None:
     gen = current.get("generation")
     if not (isinstance(gen, int) and "weights" in current):
         return
-    if not (gen > state.generation or (gen == state.generation and own is not None and not _exact(current, own))):
-        return
-    if gen == state.refused_generation:
+    newer = gen > state.generation or (gen == state.generation and own is not None and not _exact(current, own))
+    # A block someone else wrote under a generation this loop has already passed (it decides a new one every tick
+    # while triggered) is still theirs: server-side apply records who last set status.control.generation.
+    foreign = _control_owner(t.run) not in (None, DRIFT_MANAGER)
+    if not (newer or foreign) or gen in (state.refused_generation, state.adopted_generation):
         return
     try:
         adopted = validate_control(current, t.spec.gpm.axes, t.spec.drift)
@@ -230,19 +232,30 @@ def _consider_foreign_control(t: _Tick) -> None:
         t.d.refused += 1
         t.d.events.append({"type": "Warning", "reason": "ControlRefused",
                            "message": f"status.control generation {gen} refused, never applied: {exc}"})
-        state.generation = gen
+        state.generation = max(gen, state.generation)
         if state.control is None:  # nothing decided yet: restore the baseline
             state.control = _block(t.monitor.control)
         t.d.reason = "Restore"
         t.write_control = True
     else:
         t.monitor.state.control = adopted
-        state.generation = gen
+        state.generation = max(gen, state.generation)
+        state.adopted_generation = gen
         state.control = _block(adopted)
-        state.control.reason = "Override"
+        t.d.reason = t.d.reason or "Override"
+        t.write_control = True  # rewritten as this loop's own block (the same values, a newer generation)
         t.d.events.append({"type": "Normal", "reason": "ControlOverridden",
                            "message": f"status.control generation {gen} was written by hand; the drift loop "
                                       "adopts it and continues from it"})
+
+
+def _control_owner(run: dict) -> Optional[str]:
+    """The field manager that last set status.control.generation (metadata.managedFields), if recorded."""
+    for entry in (run.get("metadata") or {}).get("managedFields") or []:
+        fields = ((entry.get("fieldsV1") or {}).get("f:status") or {}).get("f:control") or {}
+        if "f:generation" in fields:
+            return entry.get("manager")
+    return None
 
 
 def _history(training: dict) -> list[dict]:

@@ -162,3 +162,29 @@ def test_status_patch_has_no_empty_mappings():
         return [p for i, v in enumerate(node) for p in empty_maps(v, f"{path}[{i}]")] if isinstance(node, list) else []
 
     assert d2.status is not None and empty_maps(d2.status) == []
+
+
+def test_hand_written_block_under_an_old_generation_is_still_seen():
+    """The loop may have decided past the generation a user writes; server-side apply's managedFields still say
+    the block is not the loop's: refused (or adopted) all the same, once."""
+    from gprl_operator.drift_loop import DRIFT_MANAGER, decide
+
+    status = {"training": {"step": 2, "history": hist([1, 2]), "reportedAt": NOW}}
+    d = decide(run_of(status), NOW)
+    status = {**status, **d.status}
+    state = {**d.state, "generation": 50}  # the loop is far ahead (it decides every tick while triggered)
+    status["control"] = {**status["control"], "generation": 20, "klCoef": 7.5}
+    run = run_of(status)
+    owner = lambda m: [{"manager": m, "operation": "Update", "subresource": "status",  # noqa: E731
+                        "fieldsV1": {"f:status": {"f:control": {"f:generation": {}, "f:klCoef": {}}}}}]
+    run["metadata"]["managedFields"] = owner(DRIFT_MANAGER)
+    assert decide(run, NOW, state).refused == 0  # the loop's own older write: nothing to do
+    run["metadata"]["managedFields"] = owner("kubectl-patch")
+    d2 = decide(run, NOW, state)
+    assert d2.refused == 1 and d2.status["control"]["generation"] == 51 and d2.status["control"]["reason"] == "Restore"
+    assert decide(run, NOW, d2.state).refused == 0  # seen once (a lagging watch shows it again)
+    # a valid one is adopted and rewritten as the loop's own block
+    status["control"] = {**status["control"], "generation": 21, "klCoef": 0.1}
+    d3 = decide(run_of(status) | {"metadata": run["metadata"]}, NOW, d2.state)
+    assert [e["reason"] for e in d3.events] == ["ControlOverridden"]
+    assert d3.status["control"]["klCoef"] == 0.1 and d3.status["control"]["generation"] == 52
