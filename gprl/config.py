@@ -387,6 +387,8 @@ class ResourcesSpec(_Spec):
     node_selector: NodeSelector = Field(
         default_factory=dict, description="Node labels the pods must match (e.g. a GPU product)."
     )
+    # immutable (the section's mark): it is in the Job's pod template, which Kubernetes refuses to change even on a
+    # suspended Job; a restart-required mark would let the API server accept a change the operator cannot apply
     termination_grace_period_seconds: int = Field(
         600, ge=30, le=86400,
         description="Time a trainer pod gets between SIGTERM (eviction, preemption) and SIGKILL: it must cover the "
