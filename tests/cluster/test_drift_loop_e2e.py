@@ -333,12 +333,14 @@ def test_world_exploited_axis_stays_bounded_under_the_operator(control_plane, dr
     assert not any(e["reason"] == "DriftDetected" for e in events(cp, namespace, "world-off"))
     assert all(r["applied_control"]["weights"] == [1.0, 1.0, 1.0] for r in records["world-off"])
 
-    # a live Prometheus, with the chart's rules, saw the exploitation alert fire for this run, and the alert carries
-    # the run's namespace (the operator's series with honor_labels), never the operator's own
+    # a live Prometheus, with the chart's rules, saw the exploitation alert fire for this run, and every run alert
+    # carries the run's namespace (the operator's series with honor_labels), never the operator's own (operator-wide
+    # alerts such as GPRLOperatorErrors rightly carry the operator's)
     fired = prometheus.fired("GPRLSingleAxisExploitationSuspected")
     assert {"namespace": namespace, "run": "world-operator"} in [
         {k: f.get(k) for k in ("namespace", "run")} for f in fired], (fired, prometheus.log_tail())
-    assert not [f for f in prometheus.seen if f["labels"].get("namespace") == OPERATOR_NS], prometheus.seen[:5]
+    misplaced = [f for f in prometheus.seen if f["labels"].get("run") and f["labels"].get("namespace") != namespace]
+    assert not misplaced, misplaced[:5]
 
     # the exploited axis stayed bounded: the final evaluation (same held-out prompts and seeds for both runs)
     final = {name: json.loads((tmp_path / name / "out" / "evals.jsonl").read_text().splitlines()[-1])
