@@ -237,6 +237,16 @@ def _crd(argv: list[str]) -> int:
     return crd_main(argv)
 
 
+def _fetch(argv: list[str]) -> int:
+    from gprl.fetch import fetch_main
+
+    try:
+        return fetch_main(argv)
+    except ValueError as exc:
+        print(f"gprl fetch: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def _operator(argv: list[str]) -> int:
     try:
         from gprl_operator.__main__ import main as operator_main
@@ -255,6 +265,8 @@ _OWN_PARSER: dict[str, tuple[str, Callable[[list[str]], int]]] = {
                     _dev_cluster),
     "crd": ("print the GPRLRun CRD (or its reference page; --write regenerates the repository's copies)", _crd),
     "operator": ("run the GPRL operator (kopf) against the cluster KUBECONFIG points at", _operator),
+    "fetch": ("download hf:// model and dataset sources into a cache folder (the init container of a run with hub "
+              "sources)", _fetch),
 }
 
 

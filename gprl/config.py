@@ -26,6 +26,7 @@ from gprl.api.quantity import (
     check_label_key,
     parse_quantity,
 )
+from gprl.podspec import ModelCacheSpec, RolePods, Toleration, parse_source
 
 __all__ = [
     "ConfigError",
@@ -302,6 +303,10 @@ class RolloutSpec(_Spec):
         default_factory=list, max_length=256, description="`gprl serve-rollout` servers to use; generate in-process when empty."
     )
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM: share of GPU memory for the engine.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=16, description="vLLM: GPUs one engine shards the policy across (a rollout server pod uses this "
+        "many of its resources.gpus)."
+    )
 
 
 class LearnerSpec(_Spec):
@@ -394,6 +399,27 @@ class ResourcesSpec(_Spec):
         description="Time a trainer pod gets between SIGTERM (eviction, preemption) and SIGKILL: it must cover the "
         "rest of a step plus one checkpoint write, after which the trainer exits.",
     )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32,
+        description="Taints every pod of the run tolerates (short for pods.all.tolerations; the operator adds the "
+        "nvidia.com/gpu toleration itself when gpus > 0).",
+    )
+    learner_processes_per_pod: int = Field(
+        0, ge=0, le=64,
+        description="Learner ranks per pod (torchrun's nproc_per_node); 0 = one per GPU (one on a CPU-only pod). "
+        "The learner's world size is learnerReplicas x this.",
+    )
+    pods: RolePods = Field(
+        default_factory=RolePods,
+        description="Pod overrides (core/v1 field names) for every pod (`all`) and per role (`learner`, `rollout`, "
+        "`gpm`): labels, annotations, nodeSelector, tolerations, affinity, priorityClassName, imagePullSecrets, env, "
+        "volumes, volumeMounts. hostPath/Secret volumes, secretKeyRef env, securityContext and host namespaces are "
+        "refused.",
+    )
+    model_cache: ModelCacheSpec = Field(
+        default_factory=ModelCacheSpec,
+        description="Volume that `hf://` model and data sources are downloaded into, once, by an init container.",
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -433,7 +459,20 @@ class RunSpec(_Spec):
             raise ValueError(
                 f"drift.kl_coef_max ({self.drift.kl_coef_max}) must be >= algo.kl_coef ({self.algo.kl_coef})"
             )
+        for path, value in self.source_fields().items():
+            parse_source(value, path)  # hf:// and pvc:// sources are well formed (raises naming the field)
+        r = self.resources
+        if r.topology == "disaggregated" and r.gpus and self.rollout.tensor_parallel_size > r.gpus:
+            raise ValueError(f"rollout.tensor_parallel_size ({self.rollout.tensor_parallel_size}) must be <= "
+                             f"resources.gpus ({r.gpus}): a rollout server shards the policy across its own pod's GPUs")
         return self
+
+    def source_fields(self) -> dict[str, str]:
+        """The fields that name a model or data source (local, `world:`, `hf://` or `pvc://`), by dotted path."""
+        out = {"model.policy": self.model.policy, "gpm.path": self.gpm.path, "data.prompts": self.data.prompts}
+        if self.model.reference is not None:
+            out["model.reference"] = self.model.reference
+        return out
 
     def to_dict(self, camel: bool = True) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=camel)

@@ -27,6 +27,7 @@ from gprl.api.manifest import RULES
 from gprl.api.marks import CHANGE_KEY, Change, leaf_changes
 from gprl.api.status import WRITER_KEY, RunStatus, operator_fields, trainer_fields
 from gprl.config import RunSpec
+from gprl.podspec import PVC_CEL, SOURCE_CEL
 
 __all__ = [
     "GROUP",
@@ -206,6 +207,14 @@ def spec_schema() -> dict[str, Any]:
     for rule in RULES:
         if rule.where.startswith("spec."):
             _rule(_at(schema, rule.where.removeprefix("spec.")), rule.cel, rule.message, rule.field_path)
+    # model / data sources: hf://<org>/<name>[@rev] (downloaded by an init container) or pvc://<claim>/<path>
+    for path in ("model.policy", "model.reference", "gpm.path", "data.prompts"):
+        node = _at(schema, path)
+        node.setdefault("maxLength", 1024)
+        _rule(node, SOURCE_CEL, f"spec.{path}: a hub source is hf://<org>/<name>[@<revision>] "
+              "(hf://datasets/<org>/<name> for a dataset)")
+        _rule(node, PVC_CEL, f"spec.{path}: a volume source is pvc://<claim>/<path inside the claim> (a "
+              "PersistentVolumeClaim name of at most 63 characters; no '..')")
     return schema
 
 

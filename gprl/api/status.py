@@ -35,7 +35,7 @@ WRITER_KEY = "x-gprl-writer"
 TRAINER = {WRITER_KEY: "trainer"}
 OPERATOR = {WRITER_KEY: "operator"}
 
-Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
 Count = Annotated[int, Field(ge=0)]
 FreeForm = Annotated[dict[str, Any], WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True})]
@@ -172,7 +172,7 @@ class DriftMonitorState(_Status):
 
 
 class RunStatus(_Status):
-    phase: Optional[Phase] = Field(None, description="Mirrors the run's Job.", json_schema_extra=OPERATOR)
+    phase: Optional[Phase] = Field(None, description="Mirrors the run's Job; Queued: a Kueue run waiting for admission.", json_schema_extra=OPERATOR)
     observed_generation: Optional[Count] = Field(None, description="metadata.generation the operator last "
                                                  "reconciled.", json_schema_extra=OPERATOR)
     conditions: list[Condition] = Field(default_factory=list, description="Standard conditions, one per type.",

@@ -200,6 +200,8 @@ def serve_rollout_main(argv: list[str] | None = None) -> int:
                    help="largest weight bucket (raised to the model's largest tensor if that is bigger)")
     p.add_argument("--request-timeout", type=float, default=30, help="seconds from a request's first byte to its last")
     p.add_argument("--session-ttl", type=float, default=300, help="seconds an idle weight push session is kept")
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="GPUs of this pod the engine shards the policy across (default: rollout.tensorParallelSize)")
     args = p.parse_args(argv)
     token = server_token(args.token_file, args.host)
     if args.threads:
@@ -216,6 +218,8 @@ def serve_rollout_main(argv: list[str] | None = None) -> int:
         args.model = args.model or resolve_sources(spec).policy
         args.dtype = args.dtype or spec.model.dtype
         args.seed = spec.seed if args.seed is None else args.seed
+        if args.tensor_parallel_size is None:
+            args.tensor_parallel_size = spec.rollout.tensor_parallel_size
         if args.max_model_len is None:
             import json
             from pathlib import Path
@@ -227,7 +231,9 @@ def serve_rollout_main(argv: list[str] | None = None) -> int:
         p.error("give --model or --config")
     args.dtype, args.seed = args.dtype or "float32", args.seed or 0
     engine = VLLMEngine(args.model, dtype=args.dtype, seed=args.seed, max_model_len=args.max_model_len,
-                        gpu_memory_utilization=args.gpu_memory_utilization, version=args.version)
+                        gpu_memory_utilization=args.gpu_memory_utilization, version=args.version,
+                        **({"tensor_parallel_size": args.tensor_parallel_size}
+                           if (args.tensor_parallel_size or 1) > 1 else {}))
     limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), request_timeout_s=args.request_timeout)
     caps = GenerateLimits(max_prompts=args.max_prompts, max_n=args.max_n, max_tokens=args.max_tokens,
                           max_bucket_bytes=int(args.max_bucket_mb * 2**20))

@@ -13,7 +13,13 @@
     Service         <run>-metrics      Prometheus metrics of the trainer pods
     [disaggregated] Service+StatefulSet <run>-rollout  headless; rollout servers <run>-rollout-<i>.<run>-rollout
     [disaggregated] Deployment+Service <run>-gpm       GPM scoring servers behind one load-balanced Service
-    Job             <run>              indexed batch/v1 Job, one pod per learner rank
+    [hf:// sources] PVC <run>-models   hub cache, unless spec.resources.modelCache.claim names an existing claim
+    Job             <run>              indexed batch/v1 Job, one pod per learner node; torchrun starts one rank
+                                       per GPU in each (world size = pods x ranks per pod)
+
+Every pod gets the run's pod overrides (`resources.pods`: `all`, then its role's block), read-only mounts of its
+model sources (`pvc://` claims, the hub cache that an init container fills from `hf://` ids). A run labelled
+`kueue.x-k8s.io/queue-name` has the label on its Job and servers; its Job is created suspended and Kueue admits it.
 
 Besides these, `token_secret(run, token)` is the run's server token (Secret <run>-server-token), which the handler
 creates once with a random token and never overwrites (a new token would lock the learner out of running servers);
@@ -34,6 +40,7 @@ import yaml
 
 from gprl.config import ConfigError, RunSpec, parse_config
 from gprl.crd import GROUP, KIND, VERSION
+from gprl.podspec import MODELS_ROOT, PodOverrides, Source, parse_source
 
 API_VERSION = f"{GROUP}/{VERSION}"
 MANAGER = "gprl-operator"
@@ -48,6 +55,10 @@ TOKEN_DIR = "/etc/gprl-token"
 TOKEN_KEY = "token"
 # The namespace whose pods may scrape the runs' metrics and server ports (chart value networkPolicy.monitoringNamespace)
 MONITORING_NAMESPACE = os.environ.get("GPRL_MONITORING_NAMESPACE", "monitoring")
+HUB_CACHE = f"{MODELS_ROOT}/hub"
+KUEUE_PREFIX = "kueue.x-k8s.io/"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+ROLES = {"trainer": "learner", "rollout": "rollout", "gpm": "gpm"}  # component label -> resources.pods block
 
 # Operator-owned condition types (DriftDetected belongs to the drift loop).
 CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended", "PodFailed")
@@ -116,6 +127,7 @@ def names(run: dict) -> dict[str, str]:
         "gpm": f"{n}-gpm",
         "token": f"{n}-server-token",
         "policy": n,
+        "models": f"{n}-models",
     }
 
 
@@ -131,6 +143,62 @@ def output_dir(spec: RunSpec) -> str:
     return posixpath.normpath(d if posixpath.isabs(d) else posixpath.join(WORKDIR, d))
 
 
+def model_sources(spec: RunSpec) -> dict[str, Source]:
+    """The run's `hf://` and `pvc://` sources by field path (local and `world:` sources need nothing from us)."""
+    out = {}
+    for path, value in spec.source_fields().items():
+        src = parse_source(value, path)
+        if src.kind != "local":
+            out[path] = src
+    return out
+
+
+def kueue_labels(run: dict) -> dict[str, str]:
+    """The run's Kueue labels (queue name, priority class), copied to the objects Kueue admits."""
+    return {k: v for k, v in ((run.get("metadata") or {}).get("labels") or {}).items() if k.startswith(KUEUE_PREFIX)}
+
+
+def queued_by_kueue(run: dict) -> bool:
+    return KUEUE_QUEUE_LABEL in kueue_labels(run)
+
+
+def learner_ranks_per_pod(spec: RunSpec) -> int:
+    """torchrun's nproc_per_node: one rank per GPU of the pod unless set (one on a CPU-only pod)."""
+    r = spec.resources
+    return r.learner_processes_per_pod or max(r.gpus, 1)
+
+
+def pod_overrides(spec: RunSpec, component: str) -> PodOverrides:
+    """`resources.pods.all` then the role's block, with the `resources.nodeSelector` / `tolerations` shorthands."""
+    o = spec.resources.pods.for_role(ROLES[component])
+    o.node_selector = {**spec.resources.node_selector, **o.node_selector}
+    o.tolerations = [*spec.resources.tolerations, *o.tolerations]
+    return o
+
+
+def referenced_claims(spec: RunSpec) -> list[str]:
+    """Every existing PersistentVolumeClaim the run's pods would mount (for the permission check of the operator:
+    a run may mount only claims its creator may use)."""
+    r = spec.resources
+    out = [r.checkpoint_claim] if r.checkpoint_claim else []
+    out += [s.repo for s in model_sources(spec).values() if s.kind == "pvc"]
+    if r.model_cache.claim and any(s.kind == "hf" for s in model_sources(spec).values()):
+        out.append(r.model_cache.claim)
+    for role in ("all", "learner", "rollout", "gpm"):
+        out += [v.persistent_volume_claim.claim_name for v in getattr(r.pods, role).volumes
+                if v.persistent_volume_claim is not None]
+    return list(dict.fromkeys(out))
+
+
+def referenced_secrets(spec: RunSpec) -> list[str]:
+    """Every Secret whose contents the run's containers would see (envFromSecrets, the hub token)."""
+    r = spec.resources
+    out = list(r.env_from_secrets)
+    if r.model_cache.hub_token_secret is not None:
+        out.append(r.model_cache.hub_token_secret.name)
+    return list(dict.fromkeys(out))
+
+
 def rendered_config(run: dict, spec: RunSpec | None = None) -> dict[str, Any]:
     """The run config the pods read: the spec with every default filled in, plus the cluster's wiring."""
     spec = run_spec(run) if spec is None else spec
@@ -138,6 +206,10 @@ def rendered_config(run: dict, spec: RunSpec | None = None) -> dict[str, Any]:
     ns, n = run["metadata"]["namespace"], names(run)
     cfg["output"]["dir"] = output_dir(spec)
     cfg["output"]["progress"] = False
+    for path, src in model_sources(spec).items():  # hf:// and pvc:// become the pods' read-only local paths
+        section, field = path.split(".")
+        local = src.local_path()
+        cfg[section][field] = f"hf:{local}" if (path == "data.prompts" and src.kind == "hf") else local
     if not cfg["output"]["metricsPort"]:
         cfg["output"]["metricsPort"] = TRAINER_PORT_METRICS
     if spec.resources.topology == "disaggregated":
@@ -217,9 +289,75 @@ def _volumes(run: dict, spec: RunSpec, with_claim: bool) -> tuple[list[dict], li
     return volumes, mounts
 
 
-def _pod_spec(run: dict, spec: RunSpec, container: dict, *, with_claim: bool, account: bool) -> dict[str, Any]:
+def _model_volumes(run: dict, spec: RunSpec) -> tuple[list[dict], list[dict]]:
+    """Read-only mounts of the run's sources: each `pvc://` claim at /models/pvc/<claim>, the hub cache (filled by
+    the init container) at /models/hub."""
+    sources = list(model_sources(spec).values())
+    volumes, mounts = [], []
+    for i, claim in enumerate(dict.fromkeys(s.repo for s in sources if s.kind == "pvc")):
+        volumes.append({"name": f"gprl-model-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"gprl-model-{i}", "mountPath": f"{MODELS_ROOT}/pvc/{claim}", "readOnly": True})
+    if any(s.kind == "hf" for s in sources):
+        claim = spec.resources.model_cache.claim or names(run)["models"]
+        volumes.append({"name": "gprl-hub-cache", "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": "gprl-hub-cache", "mountPath": HUB_CACHE, "readOnly": True})
+    return volumes, mounts
+
+
+def fetch_init_container(run: dict, spec: RunSpec) -> Optional[dict[str, Any]]:
+    """`gprl fetch` of every `hf://` source into the hub cache, before the main container starts (a no-op when the
+    files are already there: a restarted pod, a second pod, or another run sharing the cache claim)."""
+    hub = list(dict.fromkeys(s.raw for s in model_sources(spec).values() if s.kind == "hf"))
+    if not hub:
+        return None
+    cache = spec.resources.model_cache
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/home/gprl"},
+        {"name": "TMPDIR", "value": "/tmp"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+    ]
+    if cache.hub_token_secret is not None:
+        ref = cache.hub_token_secret
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    if cache.hub_endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": cache.hub_endpoint})
+    return {
+        "name": "fetch-models",
+        "image": spec.resources.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["gprl", "fetch", "--dest", HUB_CACHE, *hub],
+        "env": env,
+        "securityContext": _container_security(),
+        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "home", "mountPath": "/home/gprl"},
+            {"name": "gprl-hub-cache", "mountPath": HUB_CACHE},
+        ],
+    }
+
+
+def _template_metadata(run: dict, spec: RunSpec, component: str) -> dict[str, Any]:
+    """Pod template metadata: the run's pod labels and annotations; the operator's labels win (its selectors)."""
+    o = pod_overrides(spec, component)
+    meta: dict[str, Any] = {"labels": {**o.labels, **labels(run, component)}}
+    if o.annotations:
+        meta["annotations"] = dict(o.annotations)
+    return meta
+
+
+def _pod_spec(run: dict, spec: RunSpec, container: dict, *, with_claim: bool, account: bool,
+              component: str = "trainer") -> dict[str, Any]:
     n = names(run)
+    o = pod_overrides(spec, component)
     volumes, mounts = _volumes(run, spec, with_claim)
+    model_volumes, model_mounts = _model_volumes(run, spec)
+    volumes += model_volumes + [v.manifest() for v in o.volumes]
+    mounts += model_mounts + [m.manifest() for m in o.volume_mounts]
+    env = list(container.get("env") or [])
+    if model_volumes and any(s.kind == "hf" for s in model_sources(spec).values()):
+        env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the init container fetched everything
+    container = {**container, "env": env + [e.manifest() for e in o.env]}
     container = {
         "imagePullPolicy": "IfNotPresent",
         "workingDir": WORKDIR,
@@ -239,16 +377,22 @@ def _pod_spec(run: dict, spec: RunSpec, container: dict, *, with_claim: bool, ac
     }
     if account:
         pod["serviceAccountName"] = n["account"]
-    if spec.resources.gpus:
-        pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    node_selector = getattr(spec.resources, "node_selector", None)
-    if node_selector:
-        pod["nodeSelector"] = dict(node_selector)
-    tolerations = getattr(spec.resources, "tolerations", None)
+    init = fetch_init_container(run, spec)
+    if init is not None:
+        pod["initContainers"] = [init]
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] if spec.resources.gpus \
+        else []
+    tolerations += [t.manifest() for t in o.tolerations]
     if tolerations:
-        pod.setdefault("tolerations", []).extend(
-            t.model_dump(by_alias=True, exclude_none=True) if hasattr(t, "model_dump") else dict(t) for t in tolerations
-        )
+        pod["tolerations"] = tolerations
+    if o.node_selector:
+        pod["nodeSelector"] = dict(o.node_selector)
+    if o.affinity is not None:
+        pod["affinity"] = o.affinity.manifest()
+    if o.priority_class_name:
+        pod["priorityClassName"] = o.priority_class_name
+    if o.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s} for s in o.image_pull_secrets]
     return pod
 
 
@@ -319,6 +463,28 @@ def checkpoint_claim(run: dict, spec: RunSpec) -> Optional[dict[str, Any]]:
     return pvc
 
 
+def model_cache_claim(run: dict, spec: RunSpec) -> Optional[dict[str, Any]]:
+    """The hub cache of a run with `hf://` sources, unless it names an existing one. Mounted by every pod of the
+    run (read-write by the init container, read-only by the rest), so shared (RWX) when there is more than one."""
+    cache = spec.resources.model_cache
+    if cache.claim or not any(s.kind == "hf" for s in model_sources(spec).values()):
+        return None
+    r = spec.resources
+    pods = r.learner_replicas + (r.rollout_replicas + r.gpm_replicas if r.topology == "disaggregated" else 0)
+    pvc: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(run, names(run)["models"], "models"),
+        "spec": {
+            "accessModes": ["ReadWriteOnce" if pods == 1 else "ReadWriteMany"],
+            "resources": {"requests": {"storage": cache.size}},
+        },
+    }
+    if cache.storage_class:
+        pvc["spec"]["storageClassName"] = cache.storage_class
+    return pvc
+
+
 def services(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
     n = names(run)
     selector = {"gprl.dev/run": run["metadata"]["name"], "app.kubernetes.io/component": "trainer"}
@@ -380,8 +546,8 @@ def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
         }
         template = {
-            "metadata": {"labels": labels(run, role)},
-            "spec": _pod_spec(run, spec, container, with_claim=False, account=False),
+            "metadata": _template_metadata(run, spec, role),
+            "spec": _pod_spec(run, spec, container, with_claim=False, account=False, component=role),
         }
         ports = [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
         if role == "rollout":
@@ -403,7 +569,7 @@ def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
                 {
                     "apiVersion": "apps/v1",
                     "kind": "StatefulSet",
-                    "metadata": _meta(run, n[role], role),
+                    "metadata": _kueue_meta(run, n[role], role),
                     "spec": {
                         "serviceName": n[role],
                         "replicas": replicas,
@@ -418,7 +584,7 @@ def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
                 {
                     "apiVersion": "apps/v1",
                     "kind": "Deployment",
-                    "metadata": _meta(run, n[role], role),
+                    "metadata": _kueue_meta(run, n[role], role),
                     "spec": {"replicas": replicas, "selector": {"matchLabels": sel}, "template": template},
                 }
             )
@@ -468,31 +634,70 @@ def network_policy(run: dict, spec: RunSpec, monitoring_namespace: str = MONITOR
 STOPPED_EXIT_CODE = 143  # `gprl train --exit-code-on-stop`: stopped by a signal after a checkpoint (128 + SIGTERM)
 
 
-def job(run: dict, spec: RunSpec) -> dict[str, Any]:
+def _kueue_meta(run: dict, name: str, component: str) -> dict[str, Any]:
+    """Object metadata with the run's Kueue labels: Kueue's Job / StatefulSet / Deployment integrations read them."""
+    meta = _meta(run, name, component)
+    meta["labels"] = {**kueue_labels(run), **meta["labels"]}
+    return meta
+
+
+def job_suspend(run: dict, live_job: Optional[dict] = None) -> bool:
+    """`spec.suspend` of the Job. A run's own `suspend` always holds it. A Kueue run's Job is created suspended
+    and then keeps whatever its live value is: Kueue admits it by unsuspending (and preempts by suspending), and
+    the operator must never apply the opposite value over Kueue's."""
+    if bool((run.get("spec") or {}).get("suspend", False)):
+        return True
+    if queued_by_kueue(run):
+        live = ((live_job or {}).get("spec") or {}).get("suspend")
+        return True if live_job is None or live is None else bool(live)
+    return False
+
+
+def job(run: dict, spec: RunSpec, live_job: Optional[dict] = None) -> dict[str, Any]:
+    """The learner: an indexed Job, one pod per node. A pod of one rank runs `gprl train` itself (RANK = the
+    completion index); a pod of several ranks (one per GPU) runs it under torchrun, which reads its settings from
+    the PET_* environment (as in Kubeflow's training operator): nnodes = pods, nproc_per_node = ranks per pod, node
+    rank = completion index, static rendezvous at pod 0 through the headless Service. Either way every rank gets
+    RANK, LOCAL_RANK, WORLD_SIZE = pods x ranks per pod, MASTER_ADDR and MASTER_PORT."""
     n = names(run)
     replicas = spec.resources.learner_replicas
     metrics_port = spec.output.metrics_port or TRAINER_PORT_METRICS
-    rank_env = [
-        {"name": "WORLD_SIZE", "value": str(replicas)},
-        {
-            "name": "RANK",
-            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
-        },
-        {"name": "MASTER_ADDR", "value": f"{n['job']}-0.{n['headless']}"},
-        {"name": "MASTER_PORT", "value": str(RDZV_PORT)},
-    ]
+    per_pod = learner_ranks_per_pod(spec)
+    index = {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}
+    master = f"{n['job']}-0.{n['headless']}"
+    if per_pod == 1:
+        launch: list[str] = []
+        rank_env = [
+            {"name": "WORLD_SIZE", "value": str(replicas)},
+            {"name": "RANK", "valueFrom": index},
+            {"name": "MASTER_ADDR", "value": master},
+            {"name": "MASTER_PORT", "value": str(RDZV_PORT)},
+        ]
+    else:
+        launch = ["torchrun", "--no-python"]
+        rank_env = [
+            {"name": "PET_NNODES", "value": str(replicas)},
+            {"name": "PET_NPROC_PER_NODE", "value": str(per_pod)},
+            {"name": "PET_NODE_RANK", "valueFrom": index},
+            {"name": "PET_MASTER_ADDR", "value": master},
+            {"name": "PET_MASTER_PORT", "value": str(RDZV_PORT)},
+            # a failed rank fails the pod; the Job replaces it and the new pod resumes from the last checkpoint
+            {"name": "PET_MAX_RESTARTS", "value": "0"},
+            # on SIGTERM torchrun passes it to the ranks and gives them the pod's grace period to checkpoint
+            {"name": "PET_SHUTDOWN_TIMEOUT", "value": str(max(spec.resources.termination_grace_period_seconds - 5, 1))},
+        ]
     container = {
         "name": "trainer",
         "image": spec.resources.image,
-        "command": ["gprl", "train", "--config", f"{CONFIG_DIR}/config.yaml",
-                    "--exit-code-on-stop", str(STOPPED_EXIT_CODE)],
+        "command": launch + ["gprl", "train", "--config", f"{CONFIG_DIR}/config.yaml",
+                             "--exit-code-on-stop", str(STOPPED_EXIT_CODE)],
         "env": _env(run, spec, rank_env),
         "ports": [
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"},
         ],
     }
-    pod = _pod_spec(run, spec, container, with_claim=True, account=True)
+    pod = _pod_spec(run, spec, container, with_claim=True, account=True, component="trainer")
     pod["restartPolicy"] = "Never"  # the Job replaces a failed pod; the new one resumes from the last checkpoint
     # SIGTERM (eviction, preemption, suspend) -> the trainer finishes its step, checkpoints it and exits
     # STOPPED_EXIT_CODE; the grace period must cover that, and the podFailurePolicy below makes the Job replace
@@ -502,7 +707,7 @@ def job(run: dict, spec: RunSpec) -> dict[str, Any]:
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _meta(run, n["job"], "trainer"),
+        "metadata": _kueue_meta(run, n["job"], "trainer"),
         "spec": {
             "completionMode": "Indexed",
             "completions": replicas,
@@ -513,23 +718,27 @@ def job(run: dict, spec: RunSpec) -> dict[str, Any]:
                                                      "values": [STOPPED_EXIT_CODE]}},
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]},
-            "suspend": bool((run.get("spec") or {}).get("suspend", False)),
-            "template": {"metadata": {"labels": labels(run, "trainer")}, "spec": pod},
+            "suspend": job_suspend(run, live_job),
+            "template": {"metadata": _template_metadata(run, spec, "trainer"), "spec": pod},
         },
     }
 
 
-def build_children(run: dict) -> list[dict[str, Any]]:
-    """Every object the run needs, in the order they should be applied (the Job last)."""
+def build_children(run: dict, live_job: Optional[dict] = None) -> list[dict[str, Any]]:
+    """Every object the run needs, in the order they should be applied (the Job last). `live_job`: the run's Job
+    as last seen (its `spec.suspend` is Kueue's to change on a Kueue run)."""
     run = copy.deepcopy(run)
     spec = run_spec(run)
     out = [config_map(run, spec), network_policy(run, spec), *rbac(run)]
     pvc = checkpoint_claim(run, spec)
     if pvc is not None:
         out.append(pvc)
+    cache = model_cache_claim(run, spec)
+    if cache is not None:
+        out.append(cache)
     out += services(run, spec)
     out += server_deployments(run, spec)
-    out.append(job(run, spec))
+    out.append(job(run, spec, live_job))
     return out
 
 
@@ -560,9 +769,11 @@ def _job_condition(job: dict, ctype: str) -> Optional[dict]:
     return None
 
 
-def job_phase(job: Optional[dict]) -> str:
+def job_phase(job: Optional[dict], run: Optional[dict] = None) -> str:
+    """The run's phase from its Job. A Kueue run's Job suspended by Kueue (not by the run) is `Queued`."""
     if job is None:
-        return "Pending"
+        return "Queued" if run is not None and queued_by_kueue(run) and not (run.get("spec") or {}).get("suspend") \
+            else "Pending"
     # SuccessCriteriaMet / FailureTarget come first on Kubernetes >= 1.31; Complete / Failed follow once every pod
     # has terminated
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
@@ -570,6 +781,8 @@ def job_phase(job: Optional[dict]) -> str:
     if _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
         return "Failed"
     if (job.get("spec") or {}).get("suspend"):
+        if run is not None and queued_by_kueue(run) and not (run.get("spec") or {}).get("suspend"):
+            return "Queued"
         return "Suspended"
     st = job.get("status") or {}
     if st.get("ready") or (st.get("active") and "ready" not in st):
@@ -595,7 +808,7 @@ def run_status(
     current = run.get("status") or {}
     previous = {c.get("type"): c for c in current.get("conditions") or [] if isinstance(c, dict)}
     gen = generation if generation is not None else current.get("observedGeneration")
-    phase = job_phase(job)
+    phase = job_phase(job, run)
     st = (job or {}).get("status") or {}
     name = run["metadata"]["name"]
 
@@ -621,10 +834,13 @@ def run_status(
         _cond("Failed", bool(failed), (failed or {}).get("reason") or ("JobFailed" if failed else "NotFailed"),
               (failed or {}).get("message") or "", gen, previous, now)
     )
-    suspended = phase == "Suspended"
+    suspended = phase in ("Suspended", "Queued")
+    queue = kueue_labels(run).get(KUEUE_QUEUE_LABEL)
     conds.append(
-        _cond("Suspended", suspended, "SuspendedBySpec" if suspended else "NotSuspended",
-              "spec.suspend is true; the Job's pods are stopped" if suspended else "", gen, previous, now)
+        _cond("Suspended", suspended,
+              "QueuedByKueue" if phase == "Queued" else "SuspendedBySpec" if suspended else "NotSuspended",
+              f"waiting for Kueue to admit the Job (queue {queue})" if phase == "Queued"
+              else "spec.suspend is true; the Job's pods are stopped" if suspended else "", gen, previous, now)
     )
     if pod_failure:
         conds.append(

@@ -22,6 +22,7 @@ from gprl.crd import GROUP, KIND, PLURAL, VERSION
 from gprl_operator import metrics
 from gprl_operator.children import (
     API_VERSION,
+    KUEUE_PREFIX,
     MANAGER,
     InvalidRun,
     build_children,
@@ -62,7 +63,7 @@ def _update_phase_gauge() -> None:
     counts: dict[str, int] = {}
     for p in list(_phases.values()):
         counts[p] = counts.get(p, 0) + 1
-    for phase in ("Pending", "Running", "Succeeded", "Failed", "Suspended"):
+    for phase in ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"):
         metrics.RUNS.labels(phase).set(counts.get(phase, 0))
 
 
@@ -119,7 +120,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def gprl_runs(namespace: str, name: str, meta: Any, status: Any, **_: Any) -> dict:
+def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any, **_: Any) -> dict:
     return {
         (namespace, name): {
             "metadata": {
@@ -127,7 +128,10 @@ def gprl_runs(namespace: str, name: str, meta: Any, status: Any, **_: Any) -> di
                 "namespace": namespace,
                 "uid": meta.get("uid"),
                 "generation": meta.get("generation"),
+                # the phase of a Kueue run (Queued vs Suspended) depends on its Kueue labels and spec.suspend
+                "labels": {k: v for k, v in (meta.get("labels") or {}).items() if k.startswith(KUEUE_PREFIX)},
             },
+            "spec": {"suspend": bool((spec or {}).get("suspend", False))},
             "status": dict(status or {}),
         }
     }
@@ -156,14 +160,16 @@ def _one(index: Any, key: tuple) -> Optional[dict]:
 @kopf.on.create(GROUP, VERSION, PLURAL, backoff=2)
 @kopf.on.update(GROUP, VERSION, PLURAL, backoff=2)
 @metrics.timed("reconcile")
-def reconcile(body: Any, meta: Any, namespace: str, name: str, logger: logging.Logger, **_: Any) -> None:
+def reconcile(body: Any, meta: Any, namespace: str, name: str, logger: logging.Logger, gprl_jobs: kopf.Index,
+              **_: Any) -> None:
     if meta.get("deletionTimestamp"):
         return
     run = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(meta), "spec": dict(body.get("spec") or {}),
            "status": dict(body.get("status") or {})}
     generation = int(meta.get("generation") or 0)
     try:
-        children = build_children(run)
+        # the live Job: on a Kueue run its spec.suspend is Kueue's (admission), never overwritten
+        children = build_children(run, live_job=_one(gprl_jobs, (namespace, name)))
     except InvalidRun as exc:
         write_status(run, None, trigger="invalid", generation=generation, error=str(exc))
         raise kopf.PermanentError(str(exc)) from None

@@ -130,9 +130,11 @@ def test_job_is_indexed_non_root_and_requests_gpus():
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert c["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
     env = {e["name"]: e for e in c["env"]}
-    assert env["WORLD_SIZE"]["value"] == "4"
-    assert "job-completion-index" in env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
-    assert env["MASTER_ADDR"]["value"] == "demo-0.demo"
+    # torchrun: 4 nodes x 8 ranks (one per GPU), node rank = completion index, rendezvous at pod 0
+    assert c["command"][:3] == ["torchrun", "--no-python", "gprl"]
+    assert env["PET_NNODES"]["value"] == "4" and env["PET_NPROC_PER_NODE"]["value"] == "8"
+    assert "job-completion-index" in env["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert env["PET_MASTER_ADDR"]["value"] == "demo-0.demo"
     assert pod["subdomain"] == "demo"
     assert pod["serviceAccountName"] == "demo-trainer"
     assert not any("secret" in str(e.get("value", "")).lower() for e in c["env"])
