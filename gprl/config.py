@@ -462,9 +462,12 @@ class RunSpec(_Spec):
         for path, value in self.source_fields().items():
             parse_source(value, path)  # hf:// and pvc:// sources are well formed (raises naming the field)
         r = self.resources
-        if r.topology == "disaggregated" and r.gpus and self.rollout.tensor_parallel_size > r.gpus:
-            raise ValueError(f"rollout.tensor_parallel_size ({self.rollout.tensor_parallel_size}) must be <= "
-                             f"resources.gpus ({r.gpus}): a rollout server shards the policy across its own pod's GPUs")
+        rollout_gpus = r.pods.for_role("rollout").gpus
+        rollout_gpus = r.gpus if rollout_gpus is None else rollout_gpus
+        if r.topology == "disaggregated" and rollout_gpus and self.rollout.tensor_parallel_size > rollout_gpus:
+            raise ValueError(f"rollout.tensor_parallel_size ({self.rollout.tensor_parallel_size}) must be <= the "
+                             f"rollout pods' GPUs ({rollout_gpus}): a rollout server shards the policy across its own "
+                             "pod's GPUs")
         return self
 
     def source_fields(self) -> dict[str, str]:

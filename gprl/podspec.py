@@ -341,6 +341,8 @@ class VolumeMount(_K8s):
 _PRIV_HINT = "the operator sets the pod's security context (non-root, no privilege escalation, all capabilities " \
              "dropped); ask the cluster admin if a run needs more"
 _HOST_HINT = "host namespaces are not available to runs"
+_CPU = r"^[0-9]+(\.[0-9]+)?m?$"
+_MEMORY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|K|M|G|T|P)?$"
 _LABEL_KEYS_RULE = ("self.all(k, " + " && ".join(f"!k.startsWith('{p}')" for p in RESERVED_LABEL_PREFIXES) + ")")
 _ANNOT_KEYS_RULE = ("self.all(k, " + " && ".join(f"!k.startsWith('{p}')" for p in REFUSED_ANNOTATION_PREFIXES) + ")")
 
@@ -388,6 +390,12 @@ class PodOverrides(_K8s):
                                   "configMap, persistentVolumeClaim).")
     volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=64, description="Mounts of the "
                                              "volumes in the main container.")
+    gpus: Optional[int] = Field(None, ge=0, le=16, description="nvidia.com/gpu per pod of this role (default "
+                                "resources.gpus), e.g. fewer for the GPM servers than for the learner.")
+    cpu: Optional[str] = Field(None, max_length=32, pattern=_CPU, description="CPU request per pod of this role "
+                               "(default resources.cpu).")
+    memory: Optional[str] = Field(None, max_length=32, pattern=_MEMORY, description="Memory per pod of this role "
+                                  "(default resources.memory).")
     security_context: Optional[Any] = _refused(_PRIV_HINT)
     privileged: Optional[Any] = _refused(_PRIV_HINT)
     host_network: Optional[Any] = _refused(_HOST_HINT)
@@ -488,6 +496,9 @@ class RolePods(_K8s):
             node_selector={**a.node_selector, **r.node_selector},
             tolerations=[*a.tolerations, *r.tolerations],
             affinity=r.affinity or a.affinity,
+            gpus=r.gpus if r.gpus is not None else a.gpus,
+            cpu=r.cpu or a.cpu,
+            memory=r.memory or a.memory,
             priority_class_name=r.priority_class_name or a.priority_class_name,
             image_pull_secrets=list(dict.fromkeys([*a.image_pull_secrets, *r.image_pull_secrets])),
             env=[*a.env, *r.env],

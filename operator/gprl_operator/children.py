@@ -164,8 +164,7 @@ def queued_by_kueue(run: dict) -> bool:
 
 def learner_ranks_per_pod(spec: RunSpec) -> int:
     """torchrun's nproc_per_node: one rank per GPU of the pod unless set (one on a CPU-only pod)."""
-    r = spec.resources
-    return r.learner_processes_per_pod or max(r.gpus, 1)
+    return spec.resources.learner_processes_per_pod or max(pod_gpus(spec, "trainer"), 1)
 
 
 def pod_overrides(spec: RunSpec, component: str) -> PodOverrides:
@@ -218,13 +217,20 @@ def rendered_config(run: dict, spec: RunSpec | None = None) -> dict[str, Any]:
     return cfg
 
 
-def _resources(spec: RunSpec) -> dict[str, Any]:
-    r = spec.resources
-    requests = {"cpu": r.cpu, "memory": r.memory}
-    limits: dict[str, Any] = {"memory": r.memory}
-    if r.gpus:
-        requests["nvidia.com/gpu"] = str(r.gpus)
-        limits["nvidia.com/gpu"] = str(r.gpus)
+def pod_gpus(spec: RunSpec, component: str) -> int:
+    """GPUs of one pod of a role: its `resources.pods` block's `gpus`, else `resources.gpus`."""
+    g = pod_overrides(spec, component).gpus
+    return spec.resources.gpus if g is None else g
+
+
+def _resources(spec: RunSpec, component: str = "trainer") -> dict[str, Any]:
+    r, o = spec.resources, pod_overrides(spec, component)
+    gpus, memory = pod_gpus(spec, component), o.memory or r.memory
+    requests = {"cpu": o.cpu or r.cpu, "memory": memory}
+    limits: dict[str, Any] = {"memory": memory}
+    if gpus:
+        requests["nvidia.com/gpu"] = str(gpus)
+        limits["nvidia.com/gpu"] = str(gpus)
     return {"requests": requests, "limits": limits}
 
 
@@ -357,12 +363,15 @@ def _pod_spec(run: dict, spec: RunSpec, container: dict, *, with_claim: bool, ac
     env = list(container.get("env") or [])
     if model_volumes and any(s.kind == "hf" for s in model_sources(spec).values()):
         env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the init container fetched everything
+    env = [e for e in env if e["name"] != "CUDA_VISIBLE_DEVICES"]  # by the role's own GPU count
+    if pod_gpus(spec, component) == 0:
+        env.append({"name": "CUDA_VISIBLE_DEVICES", "value": ""})
     container = {**container, "env": env + [e.manifest() for e in o.env]}
     container = {
         "imagePullPolicy": "IfNotPresent",
         "workingDir": WORKDIR,
         "securityContext": _container_security(),
-        "resources": _resources(spec),
+        "resources": _resources(spec, component),
         "volumeMounts": mounts,
         **container,
     }
@@ -380,8 +389,8 @@ def _pod_spec(run: dict, spec: RunSpec, container: dict, *, with_claim: bool, ac
     init = fetch_init_container(run, spec)
     if init is not None:
         pod["initContainers"] = [init]
-    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] if spec.resources.gpus \
-        else []
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] \
+        if pod_gpus(spec, component) else []
     tolerations += [t.manifest() for t in o.tolerations]
     if tolerations:
         pod["tolerations"] = tolerations

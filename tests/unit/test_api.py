@@ -39,7 +39,7 @@ def test_every_field_is_marked_and_the_issue_fields_agree_everywhere():
     assert marks["algo.steps"] is Change.RESTART and "algo.steps" not in resume_fields(RunSpec)
     assert not any(p.startswith(("resources.", "output.")) for p in resume_fields(RunSpec))
     # the CRD carries one transition rule per marked field, naming it
-    text = yaml.safe_dump(crd.build_crd())
+    text = yaml.safe_dump(crd.build_crd(), width=10**9)  # long field paths must not be folded
     for path, mark in leaf_changes(RunSpec, camel=True):
         needle = f"spec.{path} is immutable" if mark is Change.IMMUTABLE else f"spec.{path} is read when"
         assert needle in text, path

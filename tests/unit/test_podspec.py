@@ -266,3 +266,37 @@ def test_tensor_parallel_fits_the_pod():
     parse_config({"rollout": {"tensorParallelSize": 4}, "resources": {"topology": "disaggregated", "gpus": 4}})
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         parse_config({"rollout": {"tensorParallelSize": 8}, "resources": {"topology": "disaggregated", "gpus": 4}})
+
+
+def test_per_role_resources():
+    spec = {"rollout": {"tensorParallelSize": 2},
+            "resources": {"topology": "disaggregated", "gpus": 8, "cpu": "32", "memory": "400Gi",
+                          "pods": {"rollout": {"gpus": 2, "memory": "64Gi"}, "gpm": {"gpus": 1, "cpu": "8"}}}}
+    roles = pods_by_role(build_children(make_run(spec)))
+    res = {r: t["spec"]["containers"][0]["resources"]["requests"] for r, (t, _) in roles.items()}
+    assert res["trainer"] == {"cpu": "32", "memory": "400Gi", "nvidia.com/gpu": "8"}
+    assert res["rollout"] == {"cpu": "32", "memory": "64Gi", "nvidia.com/gpu": "2"}
+    assert res["gpm"] == {"cpu": "8", "memory": "400Gi", "nvidia.com/gpu": "1"}
+    with pytest.raises(ConfigError, match="rollout pods' GPUs"):
+        parse_config({**spec, "rollout": {"tensorParallelSize": 4}})
+    cpu_gpm = {"resources": {"topology": "disaggregated", "gpus": 1, "pods": {"gpm": {"gpus": 0}}}}
+    gpm = pods_by_role(build_children(make_run(cpu_gpm)))["gpm"][0]["spec"]
+    assert "tolerations" not in gpm
+    assert {"name": "CUDA_VISIBLE_DEVICES", "value": ""} in gpm["containers"][0]["env"]
+
+
+def test_recipe_in_the_docs_is_valid_and_uses_every_gpu():
+    """docs/recipes.md's 8B manifest passes the run config's validation and builds the topology it describes."""
+    text = (ROOT / "docs" / "recipes.md").read_text()
+    (block,) = [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith("yaml")]
+    manifest = yaml.safe_load(block)
+    run = {**manifest, "metadata": {**manifest["metadata"], "uid": "u-8b", "generation": 1}}
+    roles = pods_by_role(build_children(run))
+    gpus = {r: t["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] for r, (t, _) in roles.items()}
+    assert gpus == {"trainer": "8", "rollout": "2", "gpm": "1"}
+    (c,) = roles["trainer"][0]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["PET_NNODES"] == "2" and env["PET_NPROC_PER_NODE"] == "8"
+    assert roles["trainer"][0]["spec"]["initContainers"][0]["name"] == "fetch-models"
+    job = roles["trainer"][1]
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-nlp"
