@@ -163,7 +163,7 @@ def test_two_pods_of_two_ranks_train_are_killed_and_resume(tiny_assets, warm_dee
     first = Pods(container, config, tmp_path, "a")
     try:
         deadline = time.time() + 240
-        while not list((out / "checkpoints").glob("step-*/trainer_state.pt")):  # a complete checkpoint
+        while not list((out / "checkpoints").glob("step-*/manifest.json")):  # a complete checkpoint
             assert all(p.poll() is None for p in first.procs), first.text()
             assert time.time() < deadline, first.text()
             time.sleep(0.2)
@@ -173,7 +173,7 @@ def test_two_pods_of_two_ranks_train_are_killed_and_resume(tiny_assets, warm_dee
         first.kill()
     assert rcs[0] != 0, "pod 0's ranks should fail when pod 1's ranks are gone\n" + first.text()
     done = [json.loads(ln)["step"] for ln in (out / "steps.jsonl").read_text().splitlines()]
-    assert 2 <= len(done) < STEPS, first.text()
+    assert 1 <= len(done) < STEPS, first.text()  # killed mid-run, after a checkpoint
 
     second = Pods(container, config, tmp_path, "b")
     try:
