@@ -472,10 +472,9 @@ class RunSpec(_Spec):
 
     def source_fields(self) -> dict[str, str]:
         """The fields that name a model or data source (local, `world:`, `hf://` or `pvc://`), by dotted path."""
-        out = {"model.policy": self.model.policy, "gpm.path": self.gpm.path, "data.prompts": self.data.prompts}
-        if self.model.reference is not None:
-            out["model.reference"] = self.model.reference
-        return out
+        out = {"model.policy": self.model.policy, "model.reference": self.model.reference, "gpm.path": self.gpm.path,
+               "data.prompts": self.data.prompts}
+        return {k: v for k, v in out.items() if v is not None}
 
     def to_dict(self, camel: bool = True) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=camel)
