@@ -300,3 +300,16 @@ def test_recipe_in_the_docs_is_valid_and_uses_every_gpu():
     assert roles["trainer"][0]["spec"]["initContainers"][0]["name"] == "fetch-models"
     job = roles["trainer"][1]
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-nlp"
+
+
+def test_cluster_sources_outside_the_cluster(tmp_path, monkeypatch):
+    """`gprl train` reads hf:// as the hub id it names (through the HF cache, offline here) and refuses pvc://."""
+    from gprl import sources
+
+    seen = []
+    monkeypatch.setattr(sources, "hub_snapshot", lambda repo, field, log=print, repo_type="model":
+                        seen.append(repo) or str(tmp_path))
+    assert sources.resolve_model("hf://org/model@v1", "model.policy") == str(tmp_path)
+    assert seen == ["org/model@v1"]
+    with pytest.raises(sources.SourceError, match="PersistentVolumeClaim"):
+        sources.resolve_model("pvc://models/llama", "model.policy")
