@@ -26,7 +26,7 @@ from gprl.api.quantity import (
     check_label_key,
     parse_quantity,
 )
-from gprl.podspec import ModelCacheSpec, RolePods, Toleration, parse_source
+from gprl.api.pods import ModelCacheSpec, RolePods, Toleration, parse_source
 
 __all__ = [
     "ConfigError",

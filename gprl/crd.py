@@ -27,7 +27,7 @@ from gprl.api.manifest import RULES
 from gprl.api.marks import CHANGE_KEY, Change, leaf_changes
 from gprl.api.status import WRITER_KEY, RunStatus, operator_fields, trainer_fields
 from gprl.config import RunSpec
-from gprl.podspec import PVC_CEL, SOURCE_CEL
+from gprl.api.pods import PVC_CEL, SOURCE_CEL
 
 __all__ = [
     "GROUP",

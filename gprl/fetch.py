@@ -2,7 +2,7 @@
 
 The operator runs it as the init container of every pod of a run with hub sources (Kubeflow Trainer's model and
 dataset initializers do the same job); the pods then mount the cache read-only and run with HF_HUB_OFFLINE=1.
-Each source lands at a path fixed by its id (`gprl.podspec.Source.local_path`, relative to --dest), so the operator
+Each source lands at a path fixed by its id (`gprl.api.pods.Source.local_path`, relative to --dest), so the operator
 can write it into the run's config before anything is downloaded. A second call finds the files in place and
 downloads nothing (huggingface_hub's local-dir metadata), which is what a replaced pod, a second pod, or another
 run sharing the cache claim sees. Offline clusters use `pvc://` sources instead.
@@ -15,7 +15,7 @@ import posixpath
 import sys
 from pathlib import Path
 
-from gprl.podspec import MODELS_ROOT, parse_source
+from gprl.api.pods import MODELS_ROOT, parse_source
 
 
 def fetch(uri: str, dest: str | Path, log=print) -> Path:

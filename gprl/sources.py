@@ -151,7 +151,7 @@ def hub_snapshot(repo_id: str, field: str, log: Callable[[str], None] = print, r
 def resolve_model(value: str, field: str, log: Callable[[str], None] = print) -> str:
     """A model source -> a local folder (see the module docstring)."""
     if value.startswith(("hf://", "pvc://")):  # the cluster's spelling (docs/recipes.md): hf:// is a hub id here too
-        from gprl.podspec import parse_source
+        from gprl.api.pods import parse_source
 
         src = parse_source(value, field)
         if src.kind == "pvc":

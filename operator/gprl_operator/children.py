@@ -40,7 +40,7 @@ import yaml
 
 from gprl.config import ConfigError, RunSpec, parse_config
 from gprl.crd import GROUP, KIND, VERSION
-from gprl.podspec import MODELS_ROOT, PodOverrides, Source, parse_source
+from gprl.api.pods import MODELS_ROOT, PodOverrides, Source, parse_source
 
 API_VERSION = f"{GROUP}/{VERSION}"
 MANAGER = "gprl-operator"

@@ -14,7 +14,7 @@ if str(ROOT / "operator") not in sys.path:
     sys.path.insert(0, str(ROOT / "operator"))
 
 from gprl.config import ConfigError, parse_config  # noqa: E402
-from gprl.podspec import parse_source  # noqa: E402
+from gprl.api.pods import parse_source  # noqa: E402
 from gprl_operator.children import (  # noqa: E402
     build_children,
     job_phase,
