@@ -135,6 +135,59 @@ def part_sync(args) -> dict:
     return res
 
 
+def part_transport(args) -> dict:
+    """Moving the weights learner → rollout server, apart from the engine's load: HTTP buckets (serialise, send,
+    deserialise, stage) against a gloo broadcast (gprl/serving/weight_sync.py), both under the same checked commit,
+    into a server whose engine only counts the tensors (the vLLM CPU engine's own reload is `colocated_seconds`)."""
+    import threading
+
+    import torch
+
+    from gprl.rollout.remote import RemoteRollout
+    from gprl.serving.rollout_server import build_server
+    from gprl.serving.weight_sync import CollectiveSender
+    from gprl.serving.weights import manifest_of
+
+    torch.set_num_threads(args.threads)
+    model = build_model(args.size, Path(args.workdir) / f"model-{args.size}")
+
+    class CountingEngine:
+        version, model = 0, "bench"
+
+        def __init__(self, manifest):
+            self.manifest = manifest
+
+        def weight_manifest(self):
+            return self.manifest
+
+        def generate_ids(self, *a, **kw):
+            raise NotImplementedError
+
+        def load_weights(self, weights, version):
+            self.tensors = sum(1 for _ in weights)
+            self.version = version
+
+    manifest = manifest_of(model)
+    server = build_server(CountingEngine(manifest), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+
+    class _Tok:
+        eos_token_id = 1
+    client = RemoteRollout([url], _Tok(), None, bucket_mb=args.bucket_mb, log=lambda *_: None)
+    res = {"size": args.size, "params": n_params(model), "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    t0 = time.perf_counter()
+    out = client.push(url, model, 1)
+    res["http_seconds"], res["http_server_transfer_seconds"] = time.perf_counter() - t0, out["transfer_seconds"]
+    sender = CollectiveSender([url], {})
+    t0 = time.perf_counter()
+    (out,) = sender.push(dict(model.named_parameters()), 2, list(manifest))
+    res["gloo_seconds"], res["gloo_server_transfer_seconds"] = time.perf_counter() - t0, out["transfer_seconds"]
+    res["ratio_http_over_gloo"] = res["http_seconds"] / res["gloo_seconds"]
+    server.shutdown()
+    return res
+
+
 def part_learner_rank(args) -> None:
     """One rank (or the single torch process) of the learner benchmark; rank 0 prints RESULT."""
     import torch
@@ -200,7 +253,9 @@ def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["rollout", "sync", "learner-rank"], help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=["rollout", "sync", "transport", "learner-rank"], help=argparse.SUPPRESS)
+    ap.add_argument("--transport", action="store_true",
+                    help="weight transfer HTTP vs gloo at --sizes (main venv, no vLLM needed)")
     ap.add_argument("--size", default="25m")
     ap.add_argument("--sizes", default="tiny,25m,125m,0.5b", help="weight-sync sizes")
     ap.add_argument("--rollout-size", default="25m")
@@ -226,7 +281,7 @@ def main() -> None:
     if args.part:
         if args.part == "learner-rank":
             return part_learner_rank(args)
-        res = {"rollout": part_rollout, "sync": part_sync}[args.part](args)
+        res = {"rollout": part_rollout, "sync": part_sync, "transport": part_transport}[args.part](args)
         print("RESULT " + json.dumps(res), flush=True)
         return None
 
@@ -254,6 +309,14 @@ def main() -> None:
         for s in results["sync"]:
             print(f"| {s['size']} | {s['params'] / 1e6:.1f}M | {s['bytes'] / 2**20:.0f} | {s['colocated_seconds']:.3f} | "
                   f"{s['http_seconds']:.3f} |")
+    if args.transport:
+        results["transport"] = [_run([sys.executable, me, "--part=transport", f"--size={size}",
+                                      f"--threads={args.threads}", *common]) for size in args.sizes.split(",") if size]
+        print("\n## Weight transfer learner → serve-rollout, engine load excluded (float32, one push each)\n")
+        print("| size | params | MB | HTTP buckets (s) | gloo broadcast (s) | HTTP / gloo |\n|---|---|---|---|---|---|")
+        for s in results["transport"]:
+            print(f"| {s['size']} | {s['params'] / 1e6:.1f}M | {s['bytes'] / 2**20:.0f} | {s['http_seconds']:.2f} | "
+                  f"{s['gloo_seconds']:.2f} | {s['ratio_http_over_gloo']:.1f}x |")
     if not args.skip_learner:
         runs = [("torch", 0, 1)] + [("deepspeed", st, 2) for st in (2, 3)]
         results["learner"] = []

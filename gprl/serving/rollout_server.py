@@ -11,6 +11,8 @@ POST /weights/begin?version=V[&rewind=true]   -> {"session"}: a push session (40
 POST /weights/bucket?session=S  body: safetensors bytes (some of the model's tensors, HF checkpoint names)
 POST /weights/commit?session=S  load the whole checked set through the engine's `reload_weights`, set the version
 POST /weights/abort?session=S   drop a session and its tensors
+POST /weights/group, /weights/receive?session=S   the same pushes over torch.distributed (gloo/NCCL):
+                                   gprl/serving/weight_sync.py
 
 Every route but the probes needs the run's bearer token (gprl/serving/auth.py). The checks a push passes before
 the engine is touched are in gprl/serving/weights.py; the transport limits in gprl/serving/app.py.
@@ -32,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gprl.serving.app import HTTPError, Limits, Server, guard, make_app, serve
 from gprl.serving.metrics import RolloutMetrics
+from gprl.serving.weight_sync import CollectiveReceiver, add_routes
 from gprl.serving.weights import PushRejected, StaleVersion, TensorSpec, UnknownSession, WeightStore
 
 
@@ -158,6 +161,7 @@ def build_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, 
     @app.post("/weights/commit")
     def commit(session: str = Query(max_length=64)):
         try:
+            weights_call(receiver.finish, session)  # a torch.distributed push: wait for its last tensor
             return weights_call(store.commit, session)
         except HTTPError:
             raise
@@ -169,6 +173,8 @@ def build_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, 
         store.abort(session)
         return {"ok": True}
 
+    receiver = CollectiveReceiver(store)
+    add_routes(app, store, receiver)
     server = Server(guard(app), host, port, limits)
     server.store, server.metrics = store, metrics  # type: ignore[attr-defined]
     return server

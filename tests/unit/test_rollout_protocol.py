@@ -367,3 +367,34 @@ def test_the_client_sends_the_token_and_casts_to_the_engines_dtype(policy, toy_t
         assert rollout.generate(["rock"], 2).policy_version == 1
     finally:
         srv.shutdown(); srv.server_close()
+
+
+def test_a_gloo_push_commits_the_same_weights_as_http_and_a_bad_one_leaves_the_version(policy):
+    """The torch.distributed transport (learner rank 0 + 2 servers in one gloo group): one broadcast reaches both
+    servers, under the same checked, versioned commit; a non-finite tensor is received (the collective completes)
+    and the commit refused."""
+    from gprl.serving.weight_sync import CollectiveSender
+
+    engines = [FakeEngine(), FakeEngine()]
+    servers = [serve(e) for e in engines]
+    urls = [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+    weights = {k: v.detach() for k, v in policy.named_parameters()}
+    order = list(FakeEngine.default_manifest)
+    try:
+        sender = CollectiveSender(urls, {})
+        out = sender.push(weights, 1, order)
+        assert [o["version"] for o in out] == [1, 1] and [e.version for e in engines] == [1, 1]
+        for e in engines:
+            for k, v in weights.items():
+                torch.testing.assert_close(e.weights[k], v)
+        bad = dict(weights)
+        bad[order[2]] = torch.full_like(weights[order[2]], float("nan"))
+        from gprl.serving.http import ServerError
+
+        with pytest.raises(ServerError, match="NaN"):
+            sender.push(bad, 2, order)
+        assert [e.version for e in engines] == [1, 1] and [e.loads for e in engines] == [1, 1]
+        assert sender.push(weights, 3, order)[1]["version"] == 3  # the group is still usable
+    finally:
+        for s in servers:
+            s.shutdown(); s.server_close()

@@ -223,3 +223,57 @@ def test_trainer_with_colocated_vllm(policy_dir, toy_tokenizer, toy_backbone_con
     _, out = trainer.rollout.engine.generate_ids(ids, 1, temperature=0.0, max_tokens=8,
                                                 stop_token_ids=[toy_tokenizer.eos_token_id])
     assert [g[0][0] for g in out] == hf_greedy(trainer.policy, toy_tokenizer, ids)
+
+
+def test_gloo_sync_reloads_the_engine_like_an_http_push_and_a_restarted_server_resyncs(policy_dir, toy_tokenizer,
+                                                                                        tmp_path):
+    """The same weights pushed over HTTP and over a gloo broadcast (gprl/serving/weight_sync.py) give the same
+    greedy generations (= HF generate's); a replaced server joins a new group and is re-synced over gloo."""
+    from gprl.distributed import free_port
+    from gprl.rollout.remote import RemoteRollout
+    from gprl.rollout.tokens import encode_prompts
+    from gprl.serving.http import json_body, request
+    from gprl.serving.weight_sync import CollectiveSender
+
+    tok = toy_tokenizer
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    proc = _start_server(policy_dir, port, log)
+    ids = encode_prompts(tok, PROMPTS, 64)
+
+    def greedy(version):
+        out = json_body(*request(url + "/generate", {"prompt_ids": ids, "n": 1, "temperature": 0.0, "max_tokens": 8,
+                                                      "stop_token_ids": [tok.eos_token_id],
+                                                      "min_version": version})[::2], "generate")
+        assert out["version"] == version
+        return [g[0]["token_ids"] for g in out["completions"]]
+
+    try:
+        _wait_healthy(url, proc, log)
+        model = hf_model(policy_dir)
+        order = [n for n, _ in model.named_parameters()]
+        perturb(model, seed=3)
+        want = hf_greedy(model, tok, ids)
+        RemoteRollout([url], tok, rollout_spec(1.0), 64, log=lambda *_: None).sync_weights(model, 1)
+        over_http = greedy(1)
+        assert over_http == want
+        perturb(model, seed=4)  # other weights over gloo: the engine really reloads
+        sender = CollectiveSender([url], {})
+        (out,) = sender.push(dict(model.named_parameters()), 2, order)
+        assert out["version"] == 2 and greedy(2) == hf_greedy(model, tok, ids) != over_http
+        model = hf_model(policy_dir)
+        perturb(model, seed=3)  # the HTTP push's weights again, over gloo: the same generations
+        sender.push(dict(model.named_parameters()), 3, order)
+        assert greedy(3) == over_http
+
+        proc.kill()
+        proc.wait()
+        proc = _start_server(policy_dir, port, log)
+        _wait_healthy(url, proc, log)
+        assert json_body(*request(url + "/info")[::2], "info")["version"] == 0
+        (out,) = CollectiveSender([url], {}).push(dict(model.named_parameters()), 3, order)
+        assert out["version"] == 3 and greedy(3) == over_http
+    finally:
+        proc.kill()
+        proc.wait()
