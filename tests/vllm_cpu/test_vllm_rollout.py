@@ -126,7 +126,12 @@ def _start_server(policy_dir, port, log):
     import yaml
 
     cfg = Path(log).with_name("run.yaml")
-    cfg.write_text(yaml.safe_dump({"model": {"policy": str(policy_dir)}, "data": {"maxPromptTokens": 48},
+    prompts = Path(log).with_name("prompts.jsonl")
+    prompts.write_text('{"prompt": "rock"}\n')
+    # a whole run config names all its sources (the server uses the policy's); the GPM is the scoring server's
+    cfg.write_text(yaml.safe_dump({"model": {"policy": str(policy_dir)},
+                                   "gpm": {"path": str(policy_dir)},
+                                   "data": {"maxPromptTokens": 48, "prompts": str(prompts)},
                                    "rollout": {"backend": "vllm", "maxNewTokens": 16}}))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
