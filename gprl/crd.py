@@ -367,6 +367,11 @@ def build_crd() -> dict[str, Any]:
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
                         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        # a broken run and a waiting one both say Pending: Ready and its reason tell them apart
+                        {"name": "Ready", "type": "string",
+                         "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
+                        {"name": "Reason", "type": "string",
+                         "jsonPath": '.status.conditions[?(@.type=="Ready")].reason'},
                         {"name": "Step", "type": "integer", "jsonPath": ".status.step"},
                         {"name": "Drift", "type": "number", "jsonPath": ".status.drift"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from gprl_operator import handlers, metrics  # noqa: F401  (registers the handlers)
 
+    handlers.WATCH_NAMESPACES = list(namespaces)  # read by handlers.configure (namespace scanning off)
+
     kopf.configure(verbose=args.verbose)
     if not args.verbose:
         # kopf logs every handled watch event ("Handler ... succeeded") at INFO: keep warnings and our own lines

@@ -26,7 +26,8 @@ creates once with a random token and never overwrites (a new token would lock th
 every pod mounts it and finds it through $GPRL_SERVER_TOKEN_FILE.
 
 Every object carries the run's labels and a controller owner reference to the run, so deleting the run
-garbage-collects them. `run_status(...)` computes the operator's part of the run's status from the Job.
+garbage-collects them (and only them: the operator never adds its owner reference to an object it did not
+create, see `ownership`). `run_status(...)` computes the operator's part of the run's status from the Job.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import yaml
 from gprl.config import ConfigError, RunSpec, parse_config
 from gprl.crd import GROUP, KIND, VERSION
 from gprl.api.pods import MODELS_ROOT, PodOverrides, Source, parse_source
+from gprl_operator.ownership import bounded
 
 API_VERSION = f"{GROUP}/{VERSION}"
 MANAGER = "gprl-operator"
@@ -535,13 +537,16 @@ def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
     Rollout servers hold weights the learner pushes to each of them, so they are a StatefulSet behind a headless
     Service (stable per-pod names, listed one by one in `rollout.serverUrls`); a replaced pod keeps its name and is
     re-synced by the learner. GPM servers are stateless: a Deployment behind one load-balanced Service.
+    Both scale to zero while `spec.suspend` is true.
     """
     if spec.resources.topology != "disaggregated":
         return []
     n, out = names(run), []
+    # spec.suspend frees the servers' accelerators too, not only the Job's; resume scales them back
+    suspended = bool((run.get("spec") or {}).get("suspend", False))
     for role, port, replicas, command in (
-        ("rollout", ROLLOUT_PORT, spec.resources.rollout_replicas, "serve-rollout"),
-        ("gpm", GPM_PORT, spec.resources.gpm_replicas, "serve-gpm"),
+        ("rollout", ROLLOUT_PORT, 0 if suspended else spec.resources.rollout_replicas, "serve-rollout"),
+        ("gpm", GPM_PORT, 0 if suspended else spec.resources.gpm_replicas, "serve-gpm"),
     ):
         sel = {"gprl.dev/run": run["metadata"]["name"], "app.kubernetes.io/component": role}
         container = {
@@ -807,13 +812,18 @@ def run_status(
     pod_failure: Optional[dict] = None,
     generation: Optional[int] = None,
     error: Optional[str] = None,
+    reason: str = "ReconcileError",
+    note: Optional[tuple[str, str]] = None,
 ) -> dict[str, Any]:
     """The operator's part of `status`: phase, pod counts, observedGeneration and its conditions.
 
     `pod_failure` = {"pod", "reason", "message"} of the newest failed pod, if any.
     `generation` is the spec generation just reconciled (None keeps the stored observedGeneration).
-    `error` is set when the children could not be applied.
+    `error` is set when the children could not be applied; `reason` names why (NameConflict, InvalidSpec,
+    ApplyRejected, ApplyFailed). `note` = (reason, message) of a healthy run worth a word (ChildRestored).
+    Messages are bounded (`ownership.MESSAGE_LIMIT`), whatever the API server answered.
     """
+    error = bounded(error) if error else error
     current = run.get("status") or {}
     previous = {c.get("type"): c for c in current.get("conditions") or [] if isinstance(c, dict)}
     gen = generation if generation is not None else current.get("observedGeneration")
@@ -823,9 +833,11 @@ def run_status(
 
     conds = []
     if error:
-        conds.append(_cond("Ready", False, "ReconcileError", error, gen, previous, now))
+        conds.append(_cond("Ready", False, reason, error, gen, previous, now))
     elif job is None:
         conds.append(_cond("Ready", False, "Creating", "children are being created", gen, previous, now))
+    elif note:
+        conds.append(_cond("Ready", True, note[0], bounded(note[1]), gen, previous, now))
     else:
         conds.append(_cond("Ready", True, "ChildrenApplied", f"Job {job['metadata']['name']} and its objects exist", gen, previous, now))
     running = phase == "Running"

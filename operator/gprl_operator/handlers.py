@@ -1,15 +1,24 @@
 """kopf handlers of the gprl operator. They only call the Kubernetes API; all decisions are pure functions
-in `gprl_operator.children`.
+in `gprl_operator.children` (what the run needs) and `gprl_operator.ownership` (what the operator may touch).
 
-- create / update / resume of a GPRLRun: server-side apply of every child (idempotent: a re-run, a restart in the
-  middle of a reconcile, or a second replica creates nothing twice), then the run's status.
+- create / update / resume of a GPRLRun: every child is created if absent (POST: atomic, never adopts an object
+  of the same name) or, when this run already controls it (same UID), updated by server-side apply. Any other
+  object of that name is left untouched: Ready=False, reason NameConflict, a Warning Event, retried with backoff
+  (the owner may rename or remove it). Idempotent: a restart in the middle or a second replica creates nothing twice.
+- failures: every one posts an Event; permanent ones (4xx, a spec the operator cannot realise) set Ready=False
+  with a short reason and wait for the next spec change; temporary ones retry with exponential backoff.
+- children events (watched by label, kept in one index per kind): a deleted child is recreated, a hand edit of
+  what the operator applied is reverted within seconds (Ready reason ChildRestored, a Normal Event).
 - Job and Pod events of a run: mirror the Job's state into the run's phase and conditions; a failed pod shows
   as the `PodFailed` condition with its reason.
-- deletion: nothing to do; every child has the run as its controller owner and is garbage-collected.
+- status: the operator's fields are re-asserted when anyone else (e.g. the trainer's ServiceAccount) changes them.
+- deletion: nothing to do, and no finalizer: every child has the run as its controller owner and is
+  garbage-collected by Kubernetes, with or without the operator running.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import logging
 import os
@@ -30,13 +39,47 @@ from gprl_operator.children import (
     run_status,
 )
 from gprl_operator.kube import ApiError, Kube, path_of, shared
+from gprl_operator.ownership import (
+    NameConflict,
+    backoff,
+    bounded,
+    child_view,
+    classify,
+    controller_name,
+    controller_uid,
+    drifted,
+    event_name,
+)
 
 log = logging.getLogger("gprl_operator")
 
 MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
 PEERING_NAME = os.environ.get("GPRL_OPERATOR_PEERING", "gprl-operator")
+# set by __main__ before kopf starts: the namespaces of watchNamespaces mode (empty: the whole cluster)
+WATCH_NAMESPACES: list[str] = [n.strip() for n in os.environ.get("GPRL_WATCH_NAMESPACES", "").split(",") if n.strip()]
+
+# The kinds of children the operator watches (by its label) to repair them. A child kind not listed here is
+# still created safely; it is only not repaired between reconciles.
+CHILD_RESOURCES = (
+    ("", "v1", "configmaps", "ConfigMap"),
+    ("", "v1", "serviceaccounts", "ServiceAccount"),
+    ("", "v1", "services", "Service"),
+    ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim"),
+    ("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    ("apps", "v1", "deployments", "Deployment"),
+    ("apps", "v1", "statefulsets", "StatefulSet"),
+    ("batch", "v1", "jobs", "Job"),
+)
 
 _last_written: dict[tuple[str, str], Any] = {}  # (ns, run) -> status fingerprint this process last applied
+_last_status: dict[tuple[str, str], tuple[int, dict]] = {}  # (ns, run) -> (resourceVersion, status) last applied
+_problems: dict[tuple[str, str], tuple[str, str]] = {}  # (ns, run) -> (reason, message) of the failing reconcile
+_notes: dict[tuple[str, str], tuple[str, str]] = {}  # (ns, run) -> (reason, message) of the last repair
+_events: dict[tuple[str, str], dict[str, int]] = {}  # (ns, run) -> Event name -> count posted
+_desired: dict[tuple[str, str], tuple[Any, list]] = {}  # (ns, run) -> ((uid, generation), children)
+_progress: dict[tuple[str, str], tuple[int, dict]] = {}  # (ns, run) -> (generation, children applied so far)
+_gone: set[str] = set()  # UIDs of deleted runs (their timers are stopped; see _without_finalizers)
 _observed: dict[tuple[str, str], int] = {}  # (ns, run) -> generation this process last reconciled
 _failures: dict[tuple[str, str], dict] = {}  # (ns, run) -> newest failed pod
 _phases: dict[tuple[str, str], str] = {}
@@ -67,14 +110,17 @@ def _update_phase_gauge() -> None:
         metrics.RUNS.labels(phase).set(counts.get(phase, 0))
 
 
-def write_status(run: dict, job: Optional[dict], *, trigger: str, generation: Optional[int] = None,
-                 error: Optional[str] = None) -> Optional[dict]:
-    """Apply the operator's part of the run's status (skipped when nothing changed since our last write)."""
+def write_status(run: dict, job: Optional[dict], *, trigger: str, generation: Optional[int] = None) -> Optional[dict]:
+    """Apply the operator's part of the run's status (skipped when nothing changed since our last write).
+
+    A failing reconcile's reason (`_problems`) stays on Ready until a reconcile succeeds, whichever event writes."""
     ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
     key = (ns, name)
     if generation is None:
         generation = _observed.get(key)
-    status = run_status(run, job, now=_now(), pod_failure=_failures.get(key), generation=generation, error=error)
+    reason, error = _problems.get(key, ("", None))
+    status = run_status(run, job, now=_now(), pod_failure=_failures.get(key), generation=generation, error=error,
+                        reason=reason or "ReconcileError", note=_notes.get(key))
     fp = _fingerprint(status)
     if _last_written.get(key) == fp:
         return None
@@ -87,6 +133,7 @@ def write_status(run: dict, job: Optional[dict], *, trigger: str, generation: Op
         raise
     metrics.STATUS_WRITES.labels(trigger).inc()
     _last_written[key] = fp
+    _last_status[key] = (_rv(out), status)
     _phases[key] = status["phase"]
     _update_phase_gauge()
     return out
@@ -103,7 +150,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"
-    settings.posting.level = logging.WARNING  # k8s Events only for warnings and errors
+    # The handlers post their own Events (one per failure, counted up on repeats, with a reason that says what
+    # failed); kopf's would repeat each of them as "Handler 'reconcile' failed temporarily" on every retry.
+    settings.posting.enabled = False
+    # watchNamespaces mode: serve exactly those namespaces. With scanning on, kopf first lists `namespaces` (a
+    # cluster-wide read the chart does not grant), gets 403s and starts late; nothing here needs that listing.
+    settings.scanning.disabled = bool(WATCH_NAMESPACES)
     settings.peering.clusterwide = True  # one ClusterKopfPeering, whatever namespaces are watched
     settings.peering.name = PEERING_NAME
     settings.peering.stealth = True
@@ -130,11 +182,25 @@ def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any, **_:
                 "generation": meta.get("generation"),
                 # the phase of a Kueue run (Queued vs Suspended) depends on its Kueue labels and spec.suspend
                 "labels": {k: v for k, v in (meta.get("labels") or {}).items() if k.startswith(KUEUE_PREFIX)},
+                "deletionTimestamp": meta.get("deletionTimestamp"),
             },
-            "spec": {"suspend": bool((spec or {}).get("suspend", False))},
+            "spec": dict(spec or {}),
             "status": dict(status or {}),
         }
     }
+
+
+def _child_index(kind: str):
+    def index(namespace: str, name: str, meta: Any, **_: Any) -> dict:
+        uid = controller_uid(meta)
+        return {(namespace, name): uid} if uid else {}
+
+    index.__name__ = f"children_{kind.lower()}"
+    return index
+
+
+for _group, _version, _plural, _kind in CHILD_RESOURCES:
+    kopf.index(_group, _version, _plural, labels=MANAGED, id=f"children_{_kind.lower()}")(_child_index(_kind))
 
 
 @kopf.index("batch", "v1", "jobs", labels=MANAGED)
@@ -153,48 +219,189 @@ def _one(index: Any, key: tuple) -> Optional[dict]:
 
 
 # --------------------------------------------------------------------------------------
+# helpers of the reconcile
+
+
+def _rv(obj: Optional[dict]) -> int:
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:  # resourceVersions are opaque; etcd's are integers, anything else just disables the check
+        return 0
+
+
+def notify(run: dict, etype: str, reason: str, message: str) -> None:
+    """Post an Event on the run; the same one again counts up instead of adding an object."""
+    meta = run["metadata"]
+    key = (meta["namespace"], meta["name"])
+    message = bounded(message, 1024)
+    name = event_name(meta["name"], meta.get("uid") or "", reason, message)
+    seen = _events.setdefault(key, {})
+    seen[name] = seen.get(name, 0) + 1
+    involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta}
+    try:
+        kube().event(involved, etype, reason, message, name=name, count=seen[name])
+    except ApiError as exc:  # an Event lost must not turn into a failed reconcile
+        log.warning("%s/%s: could not post Event %s: %s", key[0], key[1], reason, exc)
+    (log.warning if etype == "Warning" else log.info)("%s/%s: %s: %s", key[0], key[1], reason, message)
+
+
+def desired_children(run: dict, live_job: Optional[dict] = None) -> list[dict]:
+    """build_children, cached per (uid, generation, the live Job's suspend): child events are frequent, spec
+    changes are not."""
+    meta = run["metadata"]
+    key = (meta["namespace"], meta["name"])
+    version = (meta.get("uid"), meta.get("generation"), ((live_job or {}).get("spec") or {}).get("suspend"),
+               tuple(sorted((meta.get("labels") or {}).items())))
+    cached = _desired.get(key)
+    if cached is None or cached[0] != version:
+        cached = (version, build_children(run, live_job=live_job))
+        _desired[key] = cached
+    return cached[1]
+
+
+def _indexed_owner(child: dict, indexes: dict) -> Optional[str]:
+    index = indexes.get(f"children_{child['kind'].lower()}")
+    if index is None:
+        return None
+    meta = child["metadata"]
+    for uid in index.get((meta["namespace"], meta["name"]), []):
+        return uid
+    return None
+
+
+def ensure(child: dict, run_uid: str, indexes: dict) -> dict:
+    """Create the child if absent; update it if this run controls it; otherwise raise NameConflict."""
+    meta = child["metadata"]
+    if _indexed_owner(child, indexes) == run_uid:
+        return kube().apply(child)
+    try:
+        return kube().create(child)
+    except ApiError as exc:
+        if exc.status != 409:
+            raise
+    existing = kube().get(child["apiVersion"], child["kind"], meta["namespace"], meta["name"])
+    if existing is None:  # deleted in between: create it next time round
+        raise ApiError(409, {"message": f"{child['kind']} {meta['name']} vanished while being checked"},
+                       "GET", meta["name"])
+    if controller_uid(existing) != run_uid:
+        raise NameConflict(child["kind"], meta["name"], controller_name(existing))
+    return kube().apply(child)
+
+
+SHAREABLE = ("gprl.dev/shareable", "true")
+
+
+def check_claim(run: dict) -> None:
+    """`spec.resources.checkpointClaim` may name the run's own claim or one labelled gprl.dev/shareable=true:
+    otherwise a user who may only create runs would mount another team's (or another run's) checkpoints read-write."""
+    claim = ((run.get("spec") or {}).get("resources") or {}).get("checkpointClaim")
+    if not claim:
+        return
+    meta = run["metadata"]
+    pvc = kube().get("v1", "PersistentVolumeClaim", meta["namespace"], claim)
+    if pvc is None:
+        raise ClaimRefused("ClaimNotFound", f"spec.resources.checkpointClaim: PersistentVolumeClaim {claim} does not "
+                                            f"exist in namespace {meta['namespace']}; create it or unset the field",
+                           permanent=False)
+    k, v = SHAREABLE
+    if controller_uid(pvc) == meta["uid"] or (pvc["metadata"].get("labels") or {}).get(k) == v:
+        return
+    raise ClaimRefused("ClaimNotShareable", f"spec.resources.checkpointClaim: PersistentVolumeClaim {claim} is not "
+                                            f"this run's and is not labelled {k}={v}; its owner may label it, or "
+                                            f"unset the field to get a claim of the run's own", permanent=False)
+
+
+class ClaimRefused(RuntimeError):
+    def __init__(self, reason: str, message: str, permanent: bool):
+        super().__init__(message)
+        self.reason, self.permanent = reason, permanent
+
+
+def _job_changes_pods(job: dict, indexes: dict, run_uid: str, generation: int, key: tuple) -> None:
+    """A spec change that needs a new Job template is refused by the API server (the template is immutable):
+    find out with a dry run before anything else is touched, so a change is applied completely or not at all."""
+    if _observed.get(key) in (None, generation) or _indexed_owner(job, indexes) != run_uid:
+        return
+    kube().apply(job, dry_run=True)
+
+
+# --------------------------------------------------------------------------------------
 # reconcile
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL, backoff=2)
-@kopf.on.create(GROUP, VERSION, PLURAL, backoff=2)
-@kopf.on.update(GROUP, VERSION, PLURAL, backoff=2)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
 @metrics.timed("reconcile")
-def reconcile(body: Any, meta: Any, namespace: str, name: str, logger: logging.Logger, gprl_jobs: kopf.Index,
-              **_: Any) -> None:
+def reconcile(body: Any, meta: Any, namespace: str, name: str, retry: int, **kwargs: Any) -> None:
     if meta.get("deletionTimestamp"):
         return
     run = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(meta), "spec": dict(body.get("spec") or {}),
            "status": dict(body.get("status") or {})}
+    key = (namespace, name)
     generation = int(meta.get("generation") or 0)
+    uid = meta["uid"]
+
+    def fail(reason: str, message: str, *, permanent: bool, delay: float = 0.0) -> None:
+        message = bounded(message)
+        first = _problems.get(key) != (reason, message)
+        _problems[key] = (reason, message)
+        _notes.pop(key, None)
+        write_status(run, None, trigger="error", generation=generation)
+        if first or not permanent:
+            notify(run, "Warning", reason, message)
+        if permanent:
+            raise kopf.PermanentError(f"{reason}: {message}")
+        raise kopf.TemporaryError(f"{reason}: {message}", delay=delay)
+
     try:
         # the live Job: on a Kueue run its spec.suspend is Kueue's (admission), never overwritten
-        children = build_children(run, live_job=_one(gprl_jobs, (namespace, name)))
+        jobs = kwargs.get("gprl_jobs")
+        children = desired_children(run, _one(jobs, key) if jobs is not None else None)
     except InvalidRun as exc:
-        write_status(run, None, trigger="invalid", generation=generation, error=str(exc))
-        raise kopf.PermanentError(str(exc)) from None
+        fail("InvalidSpec", str(exc), permanent=True)
     job = None
+    child = children[0]
+    try:
+        check_claim(run)
+    except ClaimRefused as exc:
+        fail(exc.reason, str(exc), permanent=exc.permanent, delay=backoff(retry + 1))
     try:
         child = {"kind": "Secret", "metadata": {"name": f"{name}-server-token"}}  # names it in the error below
         ensure_token_secret(run)
+        _job_changes_pods(children[-1], kwargs, uid, generation, key)
+        # a retry of the same generation skips what it already applied: under API pressure (429, timeouts) a
+        # retry that re-applies everything multiplies the very load that made it fail
+        done = _progress.get(key)
+        if done is None or done[0] != generation:
+            done = _progress[key] = (generation, {})
         for child in children:
-            applied = kube().apply(child)
+            ckey = (child["kind"], child["metadata"]["name"])
+            applied = done[1].get(ckey) or ensure(child, uid, kwargs)
+            done[1][ckey] = {"metadata": applied["metadata"], "spec": applied.get("spec"),
+                             "status": applied.get("status")} if child["kind"] == "Job" else {"ok": True}
             if child["kind"] == "Job":
                 job = applied
+    except NameConflict as exc:
+        # the owner of that object may rename or remove it: look again, less and less often
+        fail("NameConflict", str(exc), permanent=False, delay=backoff(retry + 1))
     except ApiError as exc:
-        msg = f"{exc.method} {child['kind']}/{child['metadata']['name']}: HTTP {exc.status}: " \
-              f"{exc.body.get('message') if isinstance(exc.body, dict) else exc.body}"
+        detail = exc.body.get("message") if isinstance(exc.body, dict) else exc.body
+        msg = f"{child['kind']} {child['metadata']['name']}: HTTP {exc.status}: {detail}"
         if exc.status == 403 and "being terminated" in msg:
             log.info("%s/%s: namespace is being deleted; nothing to reconcile", namespace, name)
             return
-        write_status(run, None, trigger="error", generation=generation, error=msg)
-        if exc.status in (400, 422):
-            raise kopf.PermanentError(msg) from None
-        raise kopf.TemporaryError(msg, delay=2 if exc.status in (409, 429) or exc.status >= 500 else 10) from None
-    _observed[(namespace, name)] = generation
+        if classify(exc.status) == "permanent":
+            fail("ApplyRejected", msg, permanent=True)
+        fail("ApplyFailed", msg, permanent=False, delay=backoff(retry))
+    _progress.pop(key, None)
+    resolved = _problems.pop(key, None)
+    if resolved:
+        notify(run, "Normal", "Reconciled", f"generation {generation} applied after {resolved[0]}")
+    _observed[key] = generation
     write_status(run, job, trigger="reconcile", generation=generation)
     log.info("reconciled %s/%s generation %d: %d children applied, phase %s", namespace, name, generation,
-             len(children), _phases.get((namespace, name), "?"))
+             len(children), _phases.get(key, "?"))
 
 
 def ensure_token_secret(run: dict) -> None:
@@ -206,7 +413,11 @@ def ensure_token_secret(run: dict) -> None:
 
     secret = token_secret(run, secrets.token_hex(32))
     meta = secret["metadata"]
-    if kube().get("v1", "Secret", meta["namespace"], meta["name"]) is not None:
+    existing = kube().get("v1", "Secret", meta["namespace"], meta["name"])
+    if existing is not None:
+        # someone else's Secret of that name would hand its value to the run's pods (and the run's to it)
+        if controller_uid(existing) != run["metadata"]["uid"]:
+            raise NameConflict("Secret", meta["name"], controller_name(existing))
         return
     try:
         kube().request("POST", path_of("v1", "Secret", meta["namespace"]), secret)
@@ -216,12 +427,99 @@ def ensure_token_secret(run: dict) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def run_event(event: dict, namespace: str, name: str, **_: Any) -> None:
+def run_event(event: dict, body: Any, namespace: str, name: str, gprl_jobs: kopf.Index, **_: Any) -> None:
+    key = (namespace, name)
     if event.get("type") == "DELETED":
-        key = (namespace, name)
-        for d in (_last_written, _observed, _failures, _phases):
+        _gone.add(body.get("metadata", {}).get("uid"))
+        for d in (_last_written, _last_status, _observed, _failures, _phases, _problems, _notes, _events, _desired,
+                  _progress):
             d.pop(key, None)
         _update_phase_gauge()
+        return
+    reassert_status(key, body, gprl_jobs)
+
+
+def reassert_status(key: tuple, body: Any, gprl_jobs: Any) -> None:
+    """The phase, the operator's conditions and counts are the operator's: anyone else's change is undone."""
+    last = _last_status.get(key)
+    if last is None or _rv(body) <= last[0]:  # nothing written yet, or an event from before our last write
+        return
+    written = last[1]
+    current = dict(body.get("status") or {})
+    by_type = {c.get("type"): c for c in current.get("conditions") or [] if isinstance(c, dict)}
+    view = {k: current.get(k) for k in written}
+    view["conditions"] = [by_type.get(c["type"]) for c in written.get("conditions", [])]
+    if not drifted(written, view):
+        return
+    ns, name = key
+    body_out = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": ns},
+                "status": written}
+    try:
+        out = kube().apply(body_out, subresource="status")
+    except ApiError as exc:
+        if exc.status != 404:
+            log.warning("%s/%s: could not re-assert the status: %s", ns, name, exc)
+        return
+    _last_status[key] = (_rv(out), written)
+    metrics.STATUS_WRITES.labels("reassert").inc()
+    log.info("%s/%s: status fields of the operator were changed by someone else; restored", ns, name)
+
+
+# --------------------------------------------------------------------------------------
+# self-healing: the children
+
+
+def child_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: kopf.Index, gprl_jobs: kopf.Index,
+                **_: Any) -> None:
+    run_name = labels.get("gprl.dev/run")
+    run = _one(gprl_runs, (namespace, run_name)) if run_name else None
+    if run is None:
+        return
+    key = (namespace, run_name)
+    meta = run["metadata"]
+    if controller_uid(dict(body.get("metadata") or {})) != meta["uid"] or meta.get("deletionTimestamp"):
+        return  # an older run's child on its way out, or the run is being deleted
+    if _observed.get(key) != meta.get("generation") or key in _problems:
+        return  # the reconcile of this generation is still to come or failing: it applies (or reports) everything
+    kind, name = body.get("kind"), body["metadata"]["name"]
+    run = {"apiVersion": API_VERSION, "kind": KIND, **run}
+    try:
+        want = next((c for c in desired_children(run, _one(gprl_jobs, key))
+                     if c["kind"] == kind and c["metadata"]["name"] == name), None)
+    except InvalidRun:
+        return
+    if want is None:
+        return
+    try:
+        if event.get("type") == "DELETED":
+            # the run's own deletion deletes its children too: only a child of a run that still exists comes back
+            live = kube().get(API_VERSION, KIND, namespace, run_name)
+            if live is None or live["metadata"].get("uid") != meta["uid"] or live["metadata"].get("deletionTimestamp"):
+                return
+            try:
+                kube().create(want)
+            except ApiError as exc:
+                if exc.status != 409:
+                    raise
+            what = "deleted"
+        else:
+            if not drifted(child_view(want), dict(body)):
+                return
+            kube().apply(want)
+            what = "changed by hand"
+    except ApiError as exc:
+        notify(run, "Warning", "RepairFailed", f"{kind} {name}: HTTP {exc.status}: {exc}")
+        return
+    message = f"{kind} {name} was {what}; restored at {_now()}"
+    _notes[key] = ("ChildRestored", message)
+    notify(run, "Normal", "ChildRestored", message)
+    _last_written.pop(key, None)  # the note is new: write it even if nothing else changed
+    write_status(run, _one(gprl_jobs, key), trigger="repair")
+
+
+for _group, _version, _plural, _kind in CHILD_RESOURCES:
+    kopf.on.event(_group, _version, _plural, labels=MANAGED, id=f"repair_{_kind.lower()}")(
+        metrics.timed("child_event")(child_event))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
@@ -274,3 +572,20 @@ def default_priority() -> int:
 # GPRL_OPERATOR_DRIFT_LOOP=0 leaves it out (a cluster where every run keeps its drift monitor in-process).
 if os.environ.get("GPRL_OPERATOR_DRIFT_LOOP", "1") != "0":
     from gprl_operator import drift_loop as _drift_loop  # noqa: E402,F401  (registers its handlers)
+
+
+def _without_finalizers() -> None:
+    """kopf puts a finalizer on every object a timer runs for, so that it can stop the timer before the object
+    goes; with the operator down (after `helm uninstall`) `kubectl delete` then hangs. Nothing of ours needs to
+    run at deletion (the children are garbage-collected), so the timers go without one: run_event, which kopf
+    calls before it re-matches the timers, marks the UID gone, and the filter below stops the timer."""
+    registry = kopf.get_default_registry()
+    spawning = registry._spawning._handlers  # noqa: SLF001 - kopf offers no public switch for timers
+    for i, handler in enumerate(spawning):
+        def when(*, meta: Any, _orig: Any = handler.when, **kw: Any) -> bool:
+            return meta.get("uid") not in _gone and (_orig is None or _orig(meta=meta, **kw))
+
+        spawning[i] = dataclasses.replace(handler, requires_finalizer=False, when=when)
+
+
+_without_finalizers()

@@ -7,6 +7,8 @@ requests go through its REST layer. Every request increments `gprl_operator_api_
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import time
 from typing import Any, Optional
@@ -78,7 +80,11 @@ class Kube:
                 config.load_incluster_config()
             except config.ConfigException:
                 config.load_kube_config()
-            api_client = client.ApiClient()
+            cfg = client.Configuration.get_default_copy()
+            # one pooled (TLS) connection per handler thread: the default pool (5 x CPUs) is smaller than the
+            # thread pool, and every request beyond it would pay a fresh TLS handshake on both sides
+            cfg.connection_pool_maxsize = int(os.environ.get("GPRL_OPERATOR_WORKERS", "16")) + 8
+            api_client = client.ApiClient(cfg)
         self.api = api_client
         self.timeout = timeout
         self._lock = threading.Lock()
@@ -116,12 +122,52 @@ class Kube:
         return out
 
     # -- verbs --
-    def apply(self, obj: dict, field_manager: str = FIELD_MANAGER, subresource: Optional[str] = None) -> dict:
-        """Server-side apply (create if missing, else update the fields this manager owns)."""
+    def apply(self, obj: dict, field_manager: str = FIELD_MANAGER, subresource: Optional[str] = None,
+              dry_run: bool = False) -> dict:
+        """Server-side apply (create if missing, else update the fields this manager owns). Callers that must not
+        adopt someone else's object check ownership first (`create` for new children)."""
         meta = obj["metadata"]
         path = path_of(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"], subresource)
-        return self.request("PATCH", path, obj, {"fieldManager": field_manager, "force": "true"},
-                            "application/apply-patch+yaml")
+        query = {"fieldManager": field_manager, "force": "true"}
+        if dry_run:
+            query["dryRun"] = "All"
+        return self.request("PATCH", path, obj, query, "application/apply-patch+yaml")
+
+    def create(self, obj: dict, field_manager: str = FIELD_MANAGER) -> dict:
+        """POST: atomic create-if-absent. An existing object of that name is a 409 AlreadyExists, never adopted."""
+        meta = obj["metadata"]
+        path = path_of(obj["apiVersion"], obj["kind"], meta.get("namespace"))
+        return self.request("POST", path, obj, {"fieldManager": field_manager})
+
+    def event(self, involved: dict, etype: str, reason: str, message: str, name: str, count: int = 1,
+              component: str = FIELD_MANAGER) -> None:
+        """A core/v1 Event about `involved`; a repeat (same `name`) counts up the existing one."""
+        meta = involved["metadata"]
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        ns = meta["namespace"]
+        if count > 1:
+            try:
+                self.merge_patch("v1", "Event", ns, name, {"count": count, "lastTimestamp": now})
+                return
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": ns},
+            "involvedObject": {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"),
+                               "name": meta["name"], "namespace": ns, "uid": meta.get("uid")},
+            "type": etype, "reason": reason, "message": message[:1024],
+            "source": {"component": component}, "reportingComponent": f"gprl.dev/{component}",
+            "reportingInstance": socket.gethostname()[:128],
+            "firstTimestamp": now, "lastTimestamp": now, "count": count,
+        }
+        try:
+            self.request("POST", path_of("v1", "Event", ns), body)
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            self.merge_patch("v1", "Event", ns, name, {"count": count, "lastTimestamp": now})
 
     def get(self, api_version: str, kind: str, namespace: Optional[str], name: str) -> Optional[dict]:
         try:

@@ -203,7 +203,11 @@ def test_operator_rbac_is_least_privilege(control_plane, operator, namespace):
     token = cp.service_account_token(OPERATOR_NS, OPERATOR_SA, create=False)
     assert cp.request_raw("GET", f"/api/v1/namespaces/{namespace}/secrets", token=token)[0] == 403
     assert cp.request_raw("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/x", token=token)[0] == 403
-    assert cp.request_raw("GET", f"/api/v1/namespaces/{namespace}/configmaps", token=token)[0] == 403  # no list
+    # it watches its children (to repair them) but creates no pods itself, reads no Secrets, deletes nothing
+    assert cp.request_raw("POST", f"/api/v1/namespaces/{namespace}/pods", {"apiVersion": "v1", "kind": "Pod",
+                          "metadata": {"name": "x"}, "spec": {"containers": [{"name": "c", "image": "x"}]}},
+                          token=token)[0] == 403
+    assert cp.request_raw("DELETE", f"/api/v1/namespaces/{namespace}/configmaps/x", token=token)[0] == 403
 
 
 def test_trainer_service_account_can_only_touch_its_own_run(control_plane, operator, namespace):
@@ -295,7 +299,9 @@ def bound_claim(cp, ns: str, name: str) -> None:
                    "persistentVolumeReclaimPolicy": "Delete", "hostPath": {"path": f"/tmp/gprl-pv/{ns}/{name}"},
                    "claimRef": {"namespace": ns, "name": name}}}
     cp.apply(pv)
-    cp.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name, "namespace": ns},
+    # labelled shareable: a checkpointClaim the run did not create must be (the operator refuses others)
+    cp.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+              "metadata": {"name": name, "namespace": ns, "labels": {"gprl.dev/shareable": "true"}},
               "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": f"{ns}-{name}",
                        "resources": {"requests": {"storage": "10Gi"}}}})
     wait_for(lambda: cp.request("GET", f"/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}")["status"]

@@ -58,7 +58,7 @@ def test_crd_shape():
     assert c["spec"]["names"]["shortNames"] == ["gr"]
     v = c["spec"]["versions"][0]
     assert v["subresources"] == {"status": {}}
-    assert [col["name"] for col in v["additionalPrinterColumns"]] == ["Phase", "Step", "Drift", "Age"]
+    assert [col["name"] for col in v["additionalPrinterColumns"]] == ["Phase", "Ready", "Reason", "Step", "Drift", "Age"]
     spec = v["schema"]["openAPIV3Schema"]["properties"]["spec"]
     text = yaml.safe_dump(c)
     assert "$ref" not in text and "anyOf" not in text and "title" not in text

@@ -47,16 +47,18 @@ app.kubernetes.io/component: operator
 - apiGroups: ["gprl.dev"]
   resources: ["gprlruns/finalizers"]
   verbs: ["update"]
-# children, created and updated by server-side apply; deleted by the garbage collector through owner references
+# children: created (POST, never adopting an existing name), updated by server-side apply only when the run
+# controls them, watched (by the operator's label) to repair them; deleted by the garbage collector through
+# owner references, never by the operator (no delete verb). Secrets are not among them: the operator reads none.
 - apiGroups: [""]
   resources: ["configmaps", "services", "serviceaccounts", "persistentvolumeclaims"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["get", "list", "watch", "create", "patch"]
