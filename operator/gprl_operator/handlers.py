@@ -347,7 +347,8 @@ def reconcile(body: Any, meta: Any, namespace: str, name: str, retry: int, **kwa
         first = _problems.get(key) != (reason, message)
         _problems[key] = (reason, message)
         _notes.pop(key, None)
-        write_status(run, None, trigger="error", generation=generation)
+        jobs = kwargs.get("gprl_jobs")
+        write_status(run, _one(jobs, key) if jobs is not None else None, trigger="error", generation=generation)
         if first or not permanent:
             notify(run, "Warning", reason, message)
         if permanent:

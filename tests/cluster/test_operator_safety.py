@@ -125,7 +125,7 @@ def test_objects_it_did_not_create_are_never_touched(control_plane, operator, na
 
     # an update of every run, then its deletion: still untouched
     for run in runs.values():
-        assert patch_run(cp, namespace, run, {"spec": {"drift": {"tau": 0.2}}})[0] == 200
+        assert patch_run(cp, namespace, run, {"spec": {"suspend": True}})[0] == 200
     time.sleep(3)
     untouched()
     for run in runs.values():
@@ -247,7 +247,7 @@ def test_a_permanent_apply_error_gives_one_event_and_no_retry_storm(control_plan
     assert ev["type"] == "Warning" and ev.get("count", 1) == 1, ev
     # the next spec change is tried again; with the quota gone it goes through
     cp.request_raw("DELETE", f"/api/v1/namespaces/{namespace}/resourcequotas/no-jobs", token=cp.admin_token)
-    assert patch_run(cp, namespace, "refused", {"spec": {"drift": {"tau": 0.3}}})[0] == 200
+    assert patch_run(cp, namespace, "refused", {"spec": {"suspend": True}})[0] == 200
     wait_for(lambda: ready(cp, namespace, "refused"), T, what="reconciled after the spec change")
     assert events(cp, namespace, "refused", "Reconciled")
 
