@@ -79,7 +79,8 @@ _notes: dict[tuple[str, str], tuple[str, str]] = {}  # (ns, run) -> (reason, mes
 _events: dict[tuple[str, str], dict[str, int]] = {}  # (ns, run) -> Event name -> count posted
 _desired: dict[tuple[str, str], tuple[Any, list]] = {}  # (ns, run) -> ((uid, generation), children)
 _progress: dict[tuple[str, str], tuple[int, dict]] = {}  # (ns, run) -> (generation, children applied so far)
-_gone: set[str] = set()  # UIDs of deleted runs (their timers are stopped; see _without_finalizers)
+_gone: set[str] = set()
+_status_lock = threading.Lock()  # UIDs of deleted runs (their timers are stopped; see _without_finalizers)
 _observed: dict[tuple[str, str], int] = {}  # (ns, run) -> generation this process last reconciled
 _failures: dict[tuple[str, str], dict] = {}  # (ns, run) -> newest failed pod
 _phases: dict[tuple[str, str], str] = {}
@@ -133,7 +134,7 @@ def write_status(run: dict, job: Optional[dict], *, trigger: str, generation: Op
         raise
     metrics.STATUS_WRITES.labels(trigger).inc()
     _last_written[key] = fp
-    _last_status[key] = (_rv(out), status)
+    _remember_status(key, out, status)
     _phases[key] = status["phase"]
     _update_phase_gauge()
     return out
@@ -440,6 +441,14 @@ def run_event(event: dict, body: Any, namespace: str, name: str, gprl_jobs: kopf
     reassert_status(key, body, gprl_jobs)
 
 
+def _remember_status(key: tuple, out: Optional[dict], status: dict) -> None:
+    """The newest of this process's status writes (two handler threads may write one run at the same time)."""
+    rv = _rv(out)
+    with _status_lock:
+        if rv >= _last_status.get(key, (0, None))[0]:
+            _last_status[key] = (rv, status)
+
+
 def reassert_status(key: tuple, body: Any, gprl_jobs: Any) -> None:
     """The phase, the operator's conditions and counts are the operator's: anyone else's change is undone."""
     last = _last_status.get(key)
@@ -461,7 +470,7 @@ def reassert_status(key: tuple, body: Any, gprl_jobs: Any) -> None:
         if exc.status != 404:
             log.warning("%s/%s: could not re-assert the status: %s", ns, name, exc)
         return
-    _last_status[key] = (_rv(out), written)
+    _remember_status(key, out, written)
     metrics.STATUS_WRITES.labels("reassert").inc()
     log.info("%s/%s: status fields of the operator were changed by someone else; restored", ns, name)
 

@@ -19,6 +19,10 @@ BACKOFF_BASE_S = 2.0
 BACKOFF_MAX_S = 300.0
 
 
+# maps whose every key matters: an extra label in a selector selects other pods
+EXACT_MAPS = frozenset({"selector", "matchLabels"})
+
+
 class NameConflict(RuntimeError):
     """A child's name is taken by an object this run does not control."""
 
@@ -48,13 +52,14 @@ def controller_name(obj: dict) -> Optional[str]:
 def drifted(desired: Any, actual: Any) -> bool:
     """True when `actual` lacks something of `desired`: a missing or different value, a list of another length.
 
-    Maps are compared key by key on the desired keys only (the server adds defaults); lists element by element
-    (Kubernetes keeps their order), so an added rule or container counts as drift.
+    Maps are compared key by key on the desired keys only (the server adds defaults), except selectors, which
+    must match exactly; lists element by element (Kubernetes keeps their order), so an added rule or container
+    counts as drift.
     """
     if isinstance(desired, dict):
         if not isinstance(actual, dict):
             return True
-        return any(drifted(v, actual.get(k)) for k, v in desired.items())
+        return any((v != actual.get(k)) if k in EXACT_MAPS else drifted(v, actual.get(k)) for k, v in desired.items())
     if isinstance(desired, list):
         if not isinstance(actual, list) or len(actual) != len(desired):
             return True

@@ -62,6 +62,13 @@ def get(cp, path):
     return body if status == 200 else None
 
 
+def _content(obj):
+    """What the owner wrote (the controllers' status and revision annotations do not count; that the operator
+    wrote nothing at all is checked on managedFields)."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")} | {
+        "labels": obj["metadata"].get("labels")}
+
+
 # foreign objects, one per derived name; each taken by a different run so that every name is exercised
 FOREIGN = {
     "ConfigMap": ("/api/v1", "configmaps", "{r}-config", {"data": {"mine": "yes"}}),
@@ -99,16 +106,18 @@ def test_objects_it_did_not_create_are_never_touched(control_plane, operator, na
                "metadata": {"name": name, "namespace": namespace, "labels": {"owner": "someone-else"}}, **body}
         st, out = cp.request_raw("POST", f"{base}/namespaces/{namespace}/{plural}", obj, token=cp.admin_token)
         assert st == 201, out
-        before[kind] = (f"{base}/namespaces/{namespace}/{plural}/{name}", out["metadata"]["resourceVersion"])
+        before[kind] = (f"{base}/namespaces/{namespace}/{plural}/{name}", _content(out))
     for kind, run in runs.items():
         assert create_run(cp, namespace, run, DISAGG)[0] == 201
 
     def untouched():
-        for kind, (path, rv) in before.items():
+        for kind, (path, content) in before.items():
             obj = get(cp, path)
             assert obj is not None, f"{kind} {path} was deleted"
-            assert obj["metadata"]["resourceVersion"] == rv, f"{kind} {path} was modified: {obj['metadata']}"
+            assert _content(obj) == content, f"{kind} {path} was modified: {obj}"
             assert not obj["metadata"].get("ownerReferences"), f"{kind} {path} was adopted"
+            managers = {m["manager"] for m in obj["metadata"].get("managedFields") or []}
+            assert "gprl-operator" not in managers, f"{kind} {path} was written by the operator: {managers}"
 
     for kind, run in runs.items():
         got = wait_for(lambda: ready(cp, namespace, run, "NameConflict", "False"), T,
@@ -368,11 +377,11 @@ def test_a_run_creator_gets_no_more_than_they_have(control_plane, operator, name
     refused("steal-one-of-two", {"envFromSecrets": ["hub-token", "db-creds"]}, "db-creds")
     assert create("ok-default", {})[0] == 201
     assert create("ok-marked", {"envFromSecrets": ["hub-token"]})[0] == 201
-    # changing an accepted run's spec is checked the same way
+    # changing an accepted run's spec is checked the same way (or refused earlier, where the field is immutable)
     st, body = cp.request_raw("PATCH", f"{RUNS}/namespaces/{namespace}/gprlruns/ok-default",
-                              {"spec": {"resources": {"envFromSecrets": ["db-creds"]}}}, token=alice,
+                              {"spec": {"suspend": True, "resources": {"envFromSecrets": ["db-creds"]}}}, token=alice,
                               content_type=merge)
-    assert st in (403, 422) and "db-creds" in body["message"], body
+    assert st in (403, 422) and ("db-creds" in body["message"] or "immutable" in body["message"]), body
     wait_for(lambda: ready(cp, namespace, "ok-marked"), T, what="ok-marked reconciled")
 
     # another run's checkpoint claim: accepted by the API server (alice may name a claim), refused by the operator

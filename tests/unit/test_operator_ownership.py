@@ -119,3 +119,11 @@ def test_the_drift_loop_timer_puts_no_finalizer_on_runs():
                         uid="gone-1")
     finally:
         handlers._gone.discard("gone-1")
+
+
+def test_a_selector_must_match_exactly():
+    svc = {"spec": {"selector": {"gprl.dev/run": "r", "app.kubernetes.io/component": "trainer"}}}
+    widened = {"spec": {"selector": {**svc["spec"]["selector"], "app": "shop"}}}
+    assert drifted(svc, widened)
+    assert not drifted({"spec": {"template": {"metadata": {"labels": {"a": "1"}}}}},
+                       {"spec": {"template": {"metadata": {"labels": {"a": "1", "controller-uid": "x"}}}}})
