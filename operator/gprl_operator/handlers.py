@@ -23,6 +23,7 @@ import datetime as _dt
 import logging
 import os
 import random
+import threading
 from typing import Any, Optional
 
 import kopf
@@ -70,6 +71,7 @@ CHILD_RESOURCES = (
     ("apps", "v1", "deployments", "Deployment"),
     ("apps", "v1", "statefulsets", "StatefulSet"),
     ("batch", "v1", "jobs", "Job"),
+    ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
 )
 
 _last_written: dict[tuple[str, str], Any] = {}  # (ns, run) -> status fingerprint this process last applied

@@ -69,7 +69,7 @@ app.kubernetes.io/component: operator
 # each run's NetworkPolicy (only its own pods reach its servers and rendezvous port)
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
-  verbs: ["get", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # pod failures of the runs' Jobs show in the runs' conditions
 - apiGroups: [""]
   resources: ["pods"]
