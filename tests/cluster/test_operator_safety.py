@@ -20,6 +20,7 @@ from gprl_k8s_testlib import (
     get_run,
     install_chart,
     patch_run,
+    run_manifest,
     wait_for,
 )
 
@@ -359,8 +360,7 @@ def test_a_run_creator_gets_no_more_than_they_have(control_plane, operator, name
               "subjects": [{"kind": "ServiceAccount", "name": "alice", "namespace": namespace}]})
 
     def create(name, resources):
-        body = {"apiVersion": "gprl.dev/v1alpha1", "kind": "GPRLRun",
-                "metadata": {"name": name, "namespace": namespace}, "spec": {"resources": resources}}
+        body = run_manifest(name, {"resources": resources}, namespace)
         return cp.request_raw("POST", f"{RUNS}/namespaces/{namespace}/gprlruns", body, token=alice)
 
     def refused(name, resources, field):
