@@ -254,7 +254,7 @@ def desired_children(run: dict, live_job: Optional[dict] = None) -> list[dict]:
     meta = run["metadata"]
     key = (meta["namespace"], meta["name"])
     version = (meta.get("uid"), meta.get("generation"), ((live_job or {}).get("spec") or {}).get("suspend"),
-               tuple(sorted((meta.get("labels") or {}).items())))
+               tuple(sorted((k, v) for k, v in (meta.get("labels") or {}).items() if k.startswith(KUEUE_PREFIX))))
     cached = _desired.get(key)
     if cached is None or cached[0] != version:
         cached = (version, build_children(run, live_job=live_job))
