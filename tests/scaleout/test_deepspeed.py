@@ -132,7 +132,9 @@ def test_trainer_two_ranks_zero3(tiny_assets, warm_deepspeed, tmp_path):
     assert res.returncode == 0, log.read_text()[-4000:]
     recs = [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2] and all(r["world_size"] == 2 for r in recs)
-    assert all(len(r["axis_win_rate"]) == 3 for r in recs)  # probed on both ranks, agreed by all-reduce
+    # every step is a probe step on both ranks (no collective left waiting); a slot compares only when it comes
+    # back (drift.referenceLag steps later), so two steps carry no win rate yet
+    assert all(r["axis_win_rate"] is None or len(r["axis_win_rate"]) == 3 for r in recs)
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(str(out / "checkpoints" / "step-00000002" / "policy"))
