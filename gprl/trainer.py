@@ -366,9 +366,7 @@ class Trainer:
     def _probe_pool(self) -> list[str]:
         """The probe's prompts: drift.probePrompts training prompts after the first output.evalPrompts (which the
         evaluation uses when the data has no held-out split), so never an evaluation prompt."""
-        d = self.spec.drift
-        # Skip the evaluation's prompts only when an evaluation runs on training prompts.
-        start = self.spec.output.eval_prompts if self.spec.output.eval_every else 0
+        d, start = self.spec.drift, self.spec.output.eval_prompts  # the final evaluation always runs
         pool = list(self.sampler.prompts[start : start + d.probe_prompts])
         if not pool:
             raise ValueError(

@@ -72,7 +72,7 @@ def run_spec(assets: Path, mode: str = "operator", steps: int = 80, **drift: Any
         "rollout": {"maxNewTokens": 6},
         "drift": {"mode": mode, "warmupSteps": 3, "tau": 0.05, "reportIntervalSeconds": 0.2, **drift},
         "checkpoint": {"everySteps": 100000, "keepLast": 1},
-        "output": {"evalEvery": 0, "report": False, "progress": False},
+        "output": {"evalEvery": 0, "evalPrompts": 2, "report": False, "progress": False},  # the rest feed the probe
         "resources": {"gpus": 0, "cpu": "1", "memory": "2Gi"},
     }
 
