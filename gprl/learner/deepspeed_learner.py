@@ -22,6 +22,7 @@ for a large model shard it with ZeRO-3 inference, as TRL does).
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -133,7 +134,7 @@ class DeepSpeedLearner(FrozenPasses):
         total_tokens, n_total = max(1.0, float(counts[0])), float(counts[1])
         # loss, policy_loss, kl, clip_fraction, entropy: shares of the global batch, summed over ranks at the end
         sums = torch.zeros(5, dtype=torch.float64)
-        grad_norm = 0.0
+        grad_norm, skipped = 0.0, False
         lr = self._set_lr()
         micro = self._micro_batches(batch)
         for _ in range(algo.epochs_per_batch):
@@ -147,10 +148,24 @@ class DeepSpeedLearner(FrozenPasses):
             engine.step()
             norm = engine.get_global_grad_norm()
             grad_norm = float(norm) if norm is not None else 0.0
+            if not engine.was_step_applied():
+                # ZeRO-1/2 check the gradient themselves (fp16/bf16 overflow, an invalid norm in fp32) and drop
+                # the step: the weights and the optimizer moments stay as they were, as in the torch learner.
+                skipped = True
+                break
+            if not math.isfinite(grad_norm):
+                # ZeRO-0/3 have no such check outside fp16: the step is taken and the weights are lost. Stop before
+                # a checkpoint is written from them; the last checkpoint is intact.
+                raise FloatingPointError(
+                    f"non-finite gradient norm ({grad_norm}) under DeepSpeed ZeRO-{self.stage} in {self.spec.model.dtype}: "
+                    "the optimizer step has already written it into the weights, so the run stops here without a "
+                    "checkpoint. Resume from the last checkpoint with a lower algo.learningRate or algo.maxGradNorm, or "
+                    "use learner.zeroStage 1 or 2 (they skip such a step)"
+                )
         self.updates += 1
         engine.eval()
         sums = gdist.all_reduce_sum(sums)
-        return UpdateStats(*(float(x) for x in sums), grad_norm=grad_norm, learning_rate=lr)
+        return UpdateStats(*(float(x) for x in sums), grad_norm=grad_norm, learning_rate=lr, skipped=skipped)
 
     # ------------------------------------------------------------------ state
 

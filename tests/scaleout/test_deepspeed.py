@@ -141,3 +141,20 @@ def test_trainer_two_ranks_zero3(tiny_assets, warm_deepspeed, tmp_path):
     start = AutoModelForCausalLM.from_pretrained(str(tiny_assets / "policy"))
     moved = max(float((a - b).abs().max()) for a, b in zip(exported.state_dict().values(), start.state_dict().values()))
     assert 0 < moved < 1.0  # trained, and whole (a shard-sized export would not load)
+
+
+@pytest.mark.parametrize("stage", [2, 3], ids=["zero2", "zero3"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tiny_assets, warm_deepspeed, tmp_path, stage):
+    """DeepSpeed drops a step whose gradient is not finite (reported as skipped; weights unchanged; training goes on),
+    as the torch learner does. Where it would not (ZeRO-0/3 outside fp16 in other DeepSpeed versions) the learner
+    stops with a clear error rather than hand NaN weights to a checkpoint: this test then fails and says so."""
+    out = tmp_path / "nan.pt"
+    res = torchrun([str(HERE / "_ds_nonfinite_rank.py"), str(tiny_assets / "policy"), str(out), str(stage)], timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:]
+    got = torch.load(out)
+    assert got["error"] is None and got["skipped"] == [False, True, False]
+    before, after, later = got["states"]
+    for name, w in before.items():
+        assert torch.equal(after[name], w), name  # the NaN step changed nothing
+    assert all(torch.isfinite(w).all() for w in later.values())
+    assert any(not torch.equal(later[n], w) for n, w in after.items())  # and the next step trained again
