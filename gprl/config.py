@@ -293,6 +293,33 @@ class DriftSpec(_Spec):
 # rollout, learner
 
 
+class WeightSyncSpec(_Spec):
+    """How the learner sends new weights to `rollout.serverUrls` after each update."""
+
+    # restart-required (the section's mark): the learner chooses the transport when it starts
+    transport: Literal["http", "collective"] = Field(
+        "http",
+        description="http: safetensors buckets over each server's HTTP API; collective: the learner's rank 0 and the "
+        "servers join a torch.distributed group of their own and each tensor is broadcast to all servers at once "
+        "(begin and commit stay on HTTP, under the same checks). A server that cannot join is pushed over HTTP.",
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="collective: the process group's backend; auto = nccl when the learner trains on a GPU, "
+        "else gloo.",
+    )
+    # immutable: the port is in the learner Job's pod template (containerPort), which Kubernetes cannot change
+    port: int = Field(
+        0, ge=0, le=65535, json_schema_extra=IMMUTABLE,
+        description="collective: the learner's rank 0 listens here for the servers to join (its TCPStore); 0 = a free "
+        "port (local runs), on Kubernetes 0 means 29600.",
+    )
+    timeout_seconds: float = Field(
+        60.0, gt=0, le=3600,
+        description="collective: how long the group may take to form (past it, this learner process pushes over "
+        "HTTP), and one tensor's broadcast (past it, that push goes over HTTP and the group re-forms).",
+    )
+
+
 class RolloutSpec(_Spec):
     backend: Literal["hf", "vllm"] = Field("hf", description="Generation backend.")
     max_new_tokens: int = Field(32, ge=1, le=131072, description="Completion length limit.")
@@ -306,6 +333,9 @@ class RolloutSpec(_Spec):
     tensor_parallel_size: int = Field(
         1, ge=1, le=16, description="vLLM: GPUs one engine shards the policy across (a rollout server pod uses this "
         "many of its resources.gpus)."
+    )
+    weight_sync: WeightSyncSpec = Field(
+        default_factory=WeightSyncSpec, description="How new weights reach `serverUrls` after each update."
     )
 
 

@@ -6,8 +6,8 @@ server (`gprl.crd` puts them into the CRD) and in Python for `gprl config` on a 
   `controller-revision-hash: <run>-rollout-<10-character hash>`, at most 63 characters);
 - `output.dir`: inside the pod's workspace (relative to it, or absolute under it), no `..`: the checkpoint volume
   is mounted there, and must not cover the image's or the operator's own folders (/etc/gprl, /tmp, ...);
-- `output.metricsPort`: distinct from the ports the run's pods already use, and not privileged (pods run as a
-  non-root user).
+- `output.metricsPort`, `rollout.weightSync.port`: distinct from the ports the run's pods already use, and not
+  privileged (pods run as a non-root user).
 
 `parse_manifest` is what `gprl config` runs on a file holding a GPRLRun: camelCase keys only (the API server
 knows no snake_case), and every rule above, so both give the same verdict on the same manifest.
@@ -24,10 +24,11 @@ from pydantic import ValidationError
 from gprl.api.quantity import DNS_LABEL
 from gprl.config import ConfigError, RunSpec, validation_problems
 
-__all__ = ["WORKDIR", "RESERVED_PORTS", "MAX_NAME", "Rule", "RULES", "max_name", "parse_manifest"]
+__all__ = ["WORKDIR", "RESERVED_PORTS", "WEIGHT_SYNC_PORT", "MAX_NAME", "Rule", "RULES", "max_name", "parse_manifest"]
 
 WORKDIR = "/workspace"  # the pods' working directory; output folders live under it
 TRAINER_METRICS_PORT = 9400  # metricsPort 0 on Kubernetes
+WEIGHT_SYNC_PORT = 29600  # rollout.weightSync.port 0 on Kubernetes
 RESERVED_PORTS = {8000: "rollout server", 8001: "GPM server", 29500: "torch.distributed rendezvous"}
 MAX_NAME = {"colocated": 47, "disaggregated": 44}
 
@@ -89,6 +90,15 @@ RULES: tuple[Rule, ...] = (
         f"other than those the run's pods use: {_ports}",
         lambda name, spec: spec.output.metrics_port == 0
         or (spec.output.metrics_port >= 1024 and spec.output.metrics_port not in RESERVED_PORTS),
+    ),
+    Rule(
+        "spec.rollout.weightSync.port", "spec.rollout.weightSync.port",
+        f"self == 0 || (self >= 1024 && !(self in [{', '.join(str(p) for p in [*RESERVED_PORTS, TRAINER_METRICS_PORT])}]))",
+        f"spec.rollout.weightSync.port must be 0 (= {WEIGHT_SYNC_PORT}) or a port >= 1024 (pods run as non-root) "
+        f"other than those the run's pods use: {_ports}, {TRAINER_METRICS_PORT} (metrics)",
+        lambda name, spec: spec.rollout.weight_sync.port == 0
+        or (spec.rollout.weight_sync.port >= 1024
+            and spec.rollout.weight_sync.port not in (*RESERVED_PORTS, TRAINER_METRICS_PORT)),
     ),
     # A run names its sources: nothing defaults to the synthetic world (gprl.sources.missing_sources, the same check
     # for `gprl train`).

@@ -204,13 +204,15 @@ class DeepSpeedLearner(FrozenPasses):
             self.policy.save_pretrained(str(folder), state_dict=state)
         gdist.barrier()
 
-    def gathered_parameters(self):
-        """Context in which the policy's parameters are whole on every rank (for weight sync / generation). Under
-        ZeRO-3 entering it is a collective (an all-gather): every rank must enter it, in the same order."""
+    def gathered_parameters(self, params=None):
+        """Context in which `params` (default: all of the policy's) are whole on every rank (for weight sync /
+        generation). Under ZeRO-3 entering it is a collective (an all-gather): every rank must enter it, in the
+        same order."""
         if self.stage == 3:
             import deepspeed
 
-            return deepspeed.zero.GatheredParameters(list(self.policy.parameters()), modifier_rank=None)
+            return deepspeed.zero.GatheredParameters(list(self.policy.parameters() if params is None else params),
+                                                     modifier_rank=None)
         import contextlib
 
         return contextlib.nullcontext()

@@ -3,10 +3,14 @@
 * generate: the step's prompts are split over the servers (contiguous chunks, whole groups), requested in parallel,
   each request carrying `min_version` = the learner's policy version; the batch is assembled as HFRollout's. The
   first contact waits for every server's /healthz (pods may still be loading their model).
-* sync_weights: rank 0 pushes the policy to every server in buckets (safetensors over HTTP: begin / bucket… /
-  commit), then all ranks meet at a barrier, so no rank samples from old weights. The parameters are gathered once
-  for all servers, by every rank: under ZeRO-3 that gather is a collective (all ranks enter it, rank 0 sends, and
-  a failed push fails the step on every rank); under ZeRO 0-2 it is a no-op.
+* sync_weights: rank 0 pushes the policy to every server, then all ranks meet at a barrier, so no rank samples
+  from old weights. `rollout.weightSync.transport` says how: `http`, in buckets to each server (safetensors:
+  begin / bucket… / commit); `collective`, one broadcast per tensor to every server at once over a
+  torch.distributed group of rank 0 and the servers (gprl/serving/weight_sync.py; begin and commit stay on HTTP).
+  A server that cannot join the group, and every server of a push whose group failed, get the push over HTTP.
+  Under ZeRO-3 every rank walks the policy one module at a time, gathering only that module's parameters (a
+  collective all ranks enter), and rank 0 sends each tensor on to every server as it comes (buckets or
+  broadcasts): the push holds one module whole, never the model; a failed HTTP push fails the step on every rank.
 * a server that restarted (Kubernetes replaced its pod) comes back at version 0 and answers 409 to a newer
   `min_version`. Under ZeRO 0-2 the rank that saw it re-pushes the current weights to that server on its own and
   retries. Under ZeRO-3 no rank holds whole parameters outside a collective gather, so the re-sync is collective:
@@ -28,7 +32,7 @@ from typing import Sequence
 
 from gprl import distributed as gdist
 from gprl.rollout.base import RolloutBatch, StaleRollout
-from gprl.rollout.tokens import assemble_batch, bucketed, encode_prompts, policy_weights
+from gprl.rollout.tokens import assemble_batch, bucketed, encode_prompts, layerwise_weights, policy_weights
 from gprl.serving.auth import auth_headers, load_token
 from gprl.serving.http import ServerUnavailable, call_with_retries, json_body, request, wait_healthy
 
@@ -63,6 +67,11 @@ class RemoteRollout:
         self.headers = auth_headers(token if token is not None else load_token())
         self._dtypes: dict[str, str] = {}  # url -> the engine's weight dtype (pushes are cast to it)
         self._pushed_to: set[str] = set()
+        from gprl.config import WeightSyncSpec
+
+        self.weight_sync = getattr(spec, "weight_sync", None) or WeightSyncSpec()
+        self._sender = None  # rank 0's CollectiveSender, made at the first collective push
+        self._collective_off: str | None = None  # why this process gave up the collective transport
 
     # ------------------------------------------------------------------ HTTP
 
@@ -101,16 +110,10 @@ class RemoteRollout:
         """This rank can re-push on its own, outside a collective (ZeRO 0-2)."""
         return self._policy is not None and not self._collective()
 
-    def _gathered(self):
-        """The learner's gather of whole parameters (collective under ZeRO-3), or nothing to do."""
-        if self.learner is not None and hasattr(self.learner, "gathered_parameters"):
-            return self.learner.gathered_parameters()
-        return contextlib.nullcontext()
-
     def push(self, url: str, policy, version: int, gathered: bool = False) -> dict:
         """Send the policy's weights to one server in buckets and commit them as `version`. A server that restarts
         mid-push forgets the session (400 unknown session): the push starts over. `gathered`: the caller already
-        holds the parameters whole (inside `_gathered()`), so this push gathers nothing itself."""
+        holds the parameters whole, so this push gathers nothing itself."""
         from gprl.serving.http import ServerError
 
         for attempt in range(3):
@@ -138,9 +141,7 @@ class RemoteRollout:
         from safetensors.torch import save
 
         t0 = time.perf_counter()
-        if url not in self._dtypes:
-            self._dtypes[url] = self._info(url).get("dtype", "float32")
-        dtype = getattr(torch, self._dtypes[url]) if isinstance(self._dtypes[url], str) else None
+        dtype = self._dtype(url)
         rewind = "true" if url not in self._pushed_to else "false"
         status, body = self._post(url, f"/weights/begin?version={version}&rewind={rewind}")
         if status == 409 and int(json.loads(body).get("version", -1)) == version:
@@ -165,17 +166,151 @@ class RemoteRollout:
     def _check(self, status: int, body: bytes, url: str) -> dict:
         return json_body(status, body, f"rollout server {url}")
 
+    def _dtype(self, url: str):
+        """The server engine's weight dtype (pushes are cast to it); None when it holds several."""
+        import torch
+
+        if url not in self._dtypes:
+            self._dtypes[url] = self._info(url).get("dtype", "float32")
+        return getattr(torch, self._dtypes[url]) if isinstance(self._dtypes[url], str) else None
+
+    # ------------------------------------------------------------------ the collective transport (rank 0)
+
+    def _group_members(self, urls: Sequence[str], policy) -> list[str]:
+        """The servers of `urls` that this push reaches over the weight-sync group (forming it when there is none):
+        none unless the transport is collective and the push goes to every server (a re-sync of some servers
+        goes over HTTP, and the next whole push re-forms the group)."""
+        if (self.weight_sync.transport != "collective" or self._collective_off is not None
+                or set(urls) != set(self.urls)):
+            return []
+        from gprl.serving.weight_sync import CollectiveSender
+        from gprl.serving.weights import manifest_of
+
+        ws = self.weight_sync
+        try:
+            if self._sender is None:
+                backend = ws.backend
+                if backend == "auto":
+                    on_gpu = next(iter(policy.parameters())).device.type == "cuda"
+                    backend = "nccl" if on_gpu else "gloo"
+                host = os.environ.get("GPRL_WEIGHT_SYNC_HOST") or os.environ.get("MASTER_ADDR") or "127.0.0.1"
+                self._sender = CollectiveSender(self.headers, host, ws.port, backend, ws.timeout_seconds, self.log)
+            if self._sender.group is None:
+                dtype = self._dtype(self.urls[0])
+                members = self._sender.form(self.urls, manifest_of(policy, dtype))
+                self.log(f"weight-sync group ({self._sender.backend}, {self._sender.host}:{self._sender.port}): "
+                         f"{len(members)} of {len(self.urls)} rollout server(s)")
+        except Exception as exc:  # noqa: BLE001 - the servers are still reachable over HTTP
+            self._collective_off = f"{type(exc).__name__}: {exc}"
+            self.log(f"the weight-sync group could not form ({self._collective_off}): pushing over HTTP from now on")
+            return []
+        return list(self._sender.members)
+
+    def _begin_collective(self, urls: Sequence[str], version: int, policy) -> list[str]:
+        """Open a collective push on the group's members among `urls`: the members (empty: no group). A member
+        that restarted since the group formed makes it re-form, once."""
+        from gprl.serving.weight_sync import GroupChanged
+
+        for attempt in range(2):
+            members = self._group_members(urls, policy)
+            if not members:
+                return []
+            try:
+                self._sender.begin(version, rewind=[u for u in members if u not in self._pushed_to])
+                return members
+            except GroupChanged as exc:
+                self.log(f"{exc}: re-forming the weight-sync group")
+                self._sender.group = None
+            except Exception as exc:  # noqa: BLE001 - e.g. a server already at `version`: HTTP sorts it out
+                self.log(f"collective push of version {version} could not begin ({exc}): pushing over HTTP")
+                self._sender.group = None
+                return []
+        return []
+
+    def _commit_collective(self, members: Sequence[str], t0: float) -> None:
+        import time
+
+        self._sender.commit()
+        self._pushed_to.update(members)
+        self.pushes += len(members)
+        self.last_push_seconds = time.perf_counter() - t0
+
+    def _push_rank0(self, urls: Sequence[str], version: int, policy) -> None:
+        """Rank 0, parameters whole (ZeRO 0-2): over the group to its members, over HTTP to the rest (and to
+        everyone when the group fails mid-push: the parameters are still here to send again)."""
+        import time
+
+        t0 = time.perf_counter()
+        rest = list(urls)
+        members = self._begin_collective(urls, version, policy)
+        if members:
+            dtype = self._dtype(members[0])
+            try:
+                for _, t in policy_weights(policy):
+                    self._sender.send(t, dtype)
+                self._commit_collective(members, t0)
+                rest = [u for u in urls if u not in members]
+            except Exception as exc:  # noqa: BLE001 - falls back to HTTP below
+                self._sender.group = None
+                self.log(f"collective push of version {version} failed ({exc}): pushing it over HTTP")
+        if rest:
+            with ThreadPoolExecutor(len(rest)) as pool:
+                list(pool.map(lambda u: self.push(u, policy, version, gathered=True), rest))
+
+    def _push_layerwise(self, urls: Sequence[str], version: int) -> Exception | None:
+        """ZeRO-3, every rank: one walk over the policy, one module gathered at a time (collectives every rank
+        enters, so every rank walks to the end whatever happens on rank 0); rank 0 sends each tensor on as it
+        comes, to the group's members (a broadcast) and into each other server's HTTP buckets. Returns rank 0's
+        error. A group that fails mid-push leaves its members behind; the next generate round re-syncs them."""
+        import time
+
+        t0 = time.perf_counter()
+        stream = layerwise_weights(self._policy, self.learner)
+        error: Exception | None = None
+        if gdist.rank() == 0 and urls:
+            members, https = [], []
+            try:
+                members = self._begin_collective(urls, version, self._policy)
+                dtype = self._dtype(members[0]) if members else None
+                https = [_HttpStream(self, u, version) for u in urls if u not in members]
+                with ThreadPoolExecutor(max(1, len(https))) as pool:
+                    for name, t in stream:
+                        if members:
+                            try:
+                                self._sender.send(t, dtype)
+                            except Exception as exc:  # noqa: BLE001 - those servers stay behind: re-synced later
+                                self.log(f"collective push of version {version} failed ({exc}); the next "
+                                         "rollout re-syncs its servers")
+                                self._sender.group, members = None, []
+                        if len(https) == 1:
+                            https[0].add(name, t)
+                        elif https:
+                            list(pool.map(lambda h: h.add(name, t), https))
+                if members:
+                    self._commit_collective(members, t0)
+                for h in https:
+                    h.commit()
+            except Exception as exc:  # noqa: BLE001 - every rank hears of it (the caller), after the walk
+                error = exc
+                for h in https:
+                    h.abort()
+                if self._sender is not None:
+                    self._sender.abort()
+        for _ in stream:  # the rest of the walk: the other ranks are in these gathers too
+            pass
+        return error
+
     def _push_all(self, urls: Sequence[str], version: int) -> None:
-        """Every rank: gather the parameters once (a collective under ZeRO-3), rank 0 pushes them to `urls` in
-        parallel. Under ZeRO-3 rank 0's outcome is broadcast, so a failed push fails on every rank."""
+        """Every rank: push the policy to `urls` (rank 0 sends). Under ZeRO-3 the parameters are gathered one
+        module at a time by every rank, and rank 0's outcome is broadcast, so a failed push fails on every rank."""
         policy, error = self._policy, None
-        with self._gathered():
-            if gdist.rank() == 0 and urls:
-                try:
-                    with ThreadPoolExecutor(len(urls)) as pool:
-                        list(pool.map(lambda u: self.push(u, policy, version, gathered=True), urls))
-                except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks hear of it
-                    error = exc
+        if self._collective():
+            error = self._push_layerwise(urls, version)
+        elif gdist.rank() == 0 and urls:
+            try:
+                self._push_rank0(urls, version, policy)
+            except Exception as exc:  # noqa: BLE001 - re-raised below
+                error = exc
         if self._collective():
             told = gdist.broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
             if error is None and told is not None:
@@ -290,3 +425,51 @@ class RemoteRollout:
             parts = self._generate_chunks(chunks, group_size, base, resync=True)
         completions = [g for part in parts for g in part]
         return assemble_batch(self.tokenizer, prompts, ids, completions, group_size, self.version)
+
+
+class _HttpStream:
+    """One server's HTTP push fed a tensor at a time (the ZeRO-3 walk): buckets of the server's dtype, posted as
+    they fill; commit after the last tensor. Holds at most one bucket of copies."""
+
+    def __init__(self, client: RemoteRollout, url: str, version: int):
+        self.client, self.url, self.version = client, url, version
+        self.dtype = client._dtype(url)
+        rewind = "true" if url not in client._pushed_to else "false"
+        status, body = client._post(url, f"/weights/begin?version={version}&rewind={rewind}")
+        # 409 from a server already at `version`: a lost answer to a commit that went through
+        self.session = None if status == 409 and int(json.loads(body).get("version", -1)) == version else \
+            client._check(status, body, url)["session"]
+        self.bucket: dict = {}
+        self.size = 0
+
+    def add(self, name: str, t) -> None:
+        if self.session is None:
+            return
+        self.bucket[name] = t.to(self.dtype or t.dtype).contiguous().cpu()
+        self.size += t.numel() * t.element_size()
+        if self.size >= self.client.bucket_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save
+
+        if self.bucket:
+            payload = save(self.bucket)
+            self.bucket, self.size = {}, 0
+            self.client._check(*self.client._post(self.url, f"/weights/bucket?session={self.session}", payload),
+                               self.url)
+
+    def commit(self) -> None:
+        if self.session is None:
+            return
+        self._flush()
+        c = self.client
+        c._check(*c._post(self.url, f"/weights/commit?session={self.session}", retry_5xx=False), self.url)
+        c._pushed_to.add(self.url)
+        c.pushes += 1
+
+    def abort(self) -> None:
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                request(self.url + f"/weights/abort?session={self.session}", b"", method="POST",
+                        headers=self.client.headers, timeout=10)

@@ -67,6 +67,26 @@ def policy_weights(policy, learner=None):
             yield name, param.detach()
 
 
+def layerwise_weights(policy, learner):
+    """(name, tensor) pairs as `policy_weights` yields them (the same order), each module's own parameters gathered
+    only while its tensors are consumed: a ZeRO-3 push then holds one module whole at a time, not the model. Every
+    rank must run the whole iteration (each gather is a collective); a tensor stays valid after the next one is
+    asked for only as long as the caller keeps a reference to it."""
+    if hasattr(policy, "peft_config"):
+        raise NotImplementedError("vLLM rollouts with LoRA: merge the adapters (model.lora.enabled: false)")
+    seen: set[int] = set()
+    # named_parameters' own walk (modules in order, each one's direct parameters, a shared one once)
+    for prefix, module in policy.named_modules():
+        own = [(f"{prefix}.{n}" if prefix else n, p) for n, p in module.named_parameters(recurse=False)
+               if id(p) not in seen]
+        if not own:
+            continue
+        seen.update(id(p) for _, p in own)
+        with learner.gathered_parameters([p for _, p in own]):
+            for name, p in own:
+                yield name, p.detach()
+
+
 def bucketed(weights, bucket_bytes: int):
     """Group (name, tensor) pairs into lists of about bucket_bytes each."""
     bucket, size = [], 0

@@ -11,7 +11,7 @@ POST /weights/begin?version=V[&rewind=true]   -> {"session"}: a push session (40
 POST /weights/bucket?session=S  body: safetensors bytes (some of the model's tensors, HF checkpoint names)
 POST /weights/commit?session=S  load the whole checked set through the engine's `reload_weights`, set the version
 POST /weights/abort?session=S   drop a session and its tensors
-POST /weights/group, /weights/receive?session=S   the same pushes over torch.distributed (gloo/NCCL):
+POST /weights/group, /weights/receive?session=S&group=G   the same pushes over torch.distributed (gloo/NCCL):
                                    gprl/serving/weight_sync.py
 
 Every route but the probes needs the run's bearer token (gprl/serving/auth.py). The checks a push passes before
@@ -139,7 +139,9 @@ def build_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, 
 
     @app.post("/weights/begin")
     def begin(version: int = Query(ge=0), rewind: bool = False):
-        return {"session": weights_call(store.begin, version, rewind=rewind), "version": engine.version}
+        # group: the weight-sync group this server is in, so that a learner sees a restart before it broadcasts
+        return {"session": weights_call(store.begin, version, rewind=rewind), "version": engine.version,
+                "group": receiver.group_id}
 
     @app.post("/weights/bucket")
     async def bucket(request: Request, session: str = Query(max_length=64)):

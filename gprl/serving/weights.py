@@ -41,7 +41,9 @@ class TensorSpec:
 
 def manifest_of(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, TensorSpec]:
     """The manifest of a model's parameters (HF names, as `policy_weights` yields them), in `dtype` if given."""
-    return {n: TensorSpec(tuple(p.shape), dtype or p.dtype) for n, p in model.named_parameters()}
+    # ds_shape: a ZeRO-3 parameter's whole shape (its own tensor is this rank's partition)
+    return {n: TensorSpec(tuple(getattr(p, "ds_shape", p.shape)), dtype or p.dtype)
+            for n, p in model.named_parameters()}
 
 
 class WeightEngine(Protocol):
@@ -135,6 +137,11 @@ class WeightStore:
         with self.lock:
             self._gauges()
         return count
+
+    def set_transport(self, session: str, transport: str) -> None:
+        """What carries the session's tensors (a label of the sync metrics)."""
+        with self.lock:
+            self._get_locked(session).transport = transport
 
     def commit(self, session: str) -> dict:
         with self.lock:

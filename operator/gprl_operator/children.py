@@ -41,6 +41,7 @@ import yaml
 
 from gprl.config import ConfigError, RunSpec, parse_config
 from gprl.crd import GROUP, KIND, VERSION
+from gprl.api.manifest import WEIGHT_SYNC_PORT
 from gprl.api.pods import MODELS_ROOT, PodOverrides, Source, parse_source
 from gprl_operator.ownership import bounded
 
@@ -215,8 +216,15 @@ def rendered_config(run: dict, spec: RunSpec | None = None) -> dict[str, Any]:
         cfg["output"]["metricsPort"] = TRAINER_PORT_METRICS
     if spec.resources.topology == "disaggregated":
         cfg["rollout"]["serverUrls"] = rollout_urls(run, spec)
+        cfg["rollout"]["weightSync"]["port"] = weight_sync_port(spec)
         cfg["gpm"]["serverUrl"] = f"http://{n['gpm']}.{ns}.svc:{GPM_PORT}"
     return cfg
+
+
+def weight_sync_port(spec: RunSpec) -> int:
+    """Where the learner's rank 0 waits for the rollout servers to join its weight-sync group (transport
+    collective)."""
+    return spec.rollout.weight_sync.port or WEIGHT_SYNC_PORT
 
 
 def pod_gpus(spec: RunSpec, component: str) -> int:
@@ -507,7 +515,8 @@ def services(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
             "clusterIP": "None",
             "selector": selector,
             "publishNotReadyAddresses": True,  # ranks must resolve each other before they are Ready
-            "ports": [{"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}],
+            "ports": [{"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}]
+            + _weight_sync_ports(spec, "port"),
         },
     }
     metrics_port = spec.output.metrics_port or TRAINER_PORT_METRICS
@@ -529,6 +538,16 @@ def services(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
         },
     }
     return [headless, metrics]
+
+
+def _weight_sync_ports(spec: RunSpec, key: str) -> list[dict[str, Any]]:
+    """The learner's weight-sync port, on every disaggregated run: whether the servers use it (transport) may change
+    on a suspended run, the Job's pod template may not."""
+    if spec.resources.topology != "disaggregated":
+        return []
+    port = weight_sync_port(spec)
+    entry = {"name": "weight-sync", key: port, "protocol": "TCP"}
+    return [{**entry, "targetPort": port} if key == "port" else entry]
 
 
 def server_deployments(run: dict, spec: RunSpec) -> list[dict[str, Any]]:
@@ -623,9 +642,10 @@ def token_secret(run: dict, token: str) -> dict[str, Any]:
 
 
 def network_policy(run: dict, spec: RunSpec, monitoring_namespace: str = MONITORING_NAMESPACE) -> dict[str, Any]:
-    """Ingress to the run's pods: from the run's own pods on any port (the servers, the rendezvous port and the
-    process-group ports torch.distributed opens), and from the monitoring namespace on the metrics and server
-    ports (/metrics needs no token; every other server route does)."""
+    """Ingress to the run's pods: from the run's own pods on any port (the servers, the rendezvous and weight-sync
+    ports, and the ports gloo/NCCL open between the members of a process group), and from the monitoring namespace
+    on the metrics and server ports only (/metrics needs no token; every other server route does). Nothing else
+    reaches the learner's weight-sync port: whoever joins that group receives the policy's weights."""
     run_pods = {"gprl.dev/run": run["metadata"]["name"]}
     metrics_port = spec.output.metrics_port or TRAINER_PORT_METRICS
     return {
@@ -705,10 +725,13 @@ def job(run: dict, spec: RunSpec, live_job: Optional[dict] = None) -> dict[str, 
         "image": spec.resources.image,
         "command": launch + ["gprl", "train", "--config", f"{CONFIG_DIR}/config.yaml",
                              "--exit-code-on-stop", str(STOPPED_EXIT_CODE)],
-        "env": _env(run, spec, rank_env),
+        # the address the rollout servers reach rank 0 at to join its weight-sync group (pod 0 holds rank 0)
+        "env": _env(run, spec, rank_env + ([{"name": "GPRL_WEIGHT_SYNC_HOST", "value": master}]
+                                           if spec.resources.topology == "disaggregated" else [])),
         "ports": [
             {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"},
+            *_weight_sync_ports(spec, "containerPort"),
         ],
     }
     pod = _pod_spec(run, spec, container, with_claim=True, account=True, component="trainer")

@@ -72,10 +72,13 @@ def test_restart_required_changes_never_touch_the_job_template():
     for path, mark in leaf_changes(RunSpec):
         if mark is not Change.RESTART:
             continue
-        section, _, leaf = path.rpartition(".")
-        default = parse_config({}).to_dict(camel=False)[section][leaf] if section else None
+        default = parse_config({}).to_dict(camel=False)
+        for part in path.split("."):
+            default = default[part]
         for value in _other_values(default):
-            raw = {section: {leaf: value}}
+            raw = value
+            for part in reversed(path.split(".")):
+                raw = {part: raw}
             try:
                 parse_config(raw)
             except ConfigError:
@@ -94,7 +97,8 @@ def _other_values(default):
     if isinstance(default, float):
         return [default * 0.5, default * 1.5, 0.5]
     if isinstance(default, str):
-        return ["sequence_mean", "linear", "k1", "vllm", "operator", "off", "http://x:1", default + "x"]
+        return ["sequence_mean", "linear", "k1", "vllm", "operator", "off", "collective", "nccl", "http://x:1",
+                default + "x"]
     if default is None:
         return ["http://gpm:8001", [1.0, 1.0, 1.0]]
     if isinstance(default, list):

@@ -366,3 +366,46 @@ def test_server_token_and_network_policy():
     sec = token_secret(run, "abc")
     assert sec["immutable"] is True and sec["stringData"] == {"token": "abc"}
     assert sec["metadata"]["ownerReferences"][0]["kind"] == "GPRLRun"
+
+
+@pytest.mark.parametrize("port, want", [(0, 29600), (31000, 31000)])
+def test_weight_sync_port_is_exposed_on_the_learner_and_reached_only_by_the_runs_pods(port, want):
+    """rollout.weightSync: the learner's rank 0 (pod 0) listens on the port for the servers to join its group. The
+    Job's container and the headless Service name the port (on every disaggregated run: the transport may change
+    on a suspended run, the pod template may not), the pods know where rank 0 is, the config carries the port,
+    and the NetworkPolicy lets the run's own pods in on it, the monitoring namespace not."""
+    run = make_run(spec={"resources": {"topology": "disaggregated"},
+                         "rollout": {"weightSync": {"transport": "collective", "port": port}}})
+    kids = by_kind(build_children(run))
+    (job,) = kids["Job"]
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert {"name": "weight-sync", "containerPort": want, "protocol": "TCP"} in c["ports"]
+    assert {"name": "GPRL_WEIGHT_SYNC_HOST", "value": "demo-0.demo"} in c["env"]
+    assert job["spec"]["template"]["spec"]["subdomain"] == "demo"  # so demo-0.demo resolves to pod 0
+    http = make_run(spec={"resources": {"topology": "disaggregated"}, "rollout": {"weightSync": {"port": port}}})
+    assert by_kind(build_children(http))["Job"][0]["spec"]["template"] == job["spec"]["template"]
+    headless = {s["metadata"]["name"]: s for s in kids["Service"]}["demo"]
+    assert {"name": "weight-sync", "port": want, "targetPort": want, "protocol": "TCP"} in headless["spec"]["ports"]
+    cfg = yaml.safe_load(kids["ConfigMap"][0]["data"]["config.yaml"])
+    assert cfg["rollout"]["weightSync"] == {**cfg["rollout"]["weightSync"], "transport": "collective", "port": want}
+    (pol,) = kids["NetworkPolicy"]
+    own, monitoring = pol["spec"]["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"gprl.dev/run": "demo"}}}]}  # every port, own pods
+    assert "ports" not in own and want not in {p["port"] for p in monitoring["ports"]}
+    # a colocated run has no servers: no weight-sync port
+    (job,) = by_kind(build_children(make_run()))["Job"]
+    assert "weight-sync" not in {p["name"] for p in job["spec"]["template"]["spec"]["containers"][0]["ports"]}
+
+
+@pytest.mark.parametrize("port, ok", [(0, True), (31000, True), (80, False), (8000, False), (9400, False)])
+def test_weight_sync_port_rule(port, ok):
+    from gprl.api.manifest import parse_manifest
+    from gprl.config import ConfigError
+
+    doc = make_run(spec={"model": {"policy": "world:policy"}, "gpm": {"path": "world:gpm"},
+                         "data": {"prompts": "world:prompts"}, "rollout": {"weightSync": {"port": port}}})
+    if ok:
+        assert parse_manifest(doc).rollout.weight_sync.port == port
+    else:
+        with pytest.raises(ConfigError, match="spec.rollout.weightSync.port must be 0"):
+            parse_manifest(doc)

@@ -135,20 +135,23 @@ def test_a_push_whose_session_is_lost_starts_over(policy, toy_tokenizer):
 
 
 class Zero3Learner:
-    """Stands in for a ZeRO-3 DeepSpeed learner: whole parameters only inside `gathered_parameters()`."""
+    """Stands in for a ZeRO-3 DeepSpeed learner: whole parameters only inside `gathered_parameters(params)`; records
+    how many parameters each gather held."""
 
     stage = 3
 
     def __init__(self):
-        self.gathers, self.inside = 0, False
+        self.gathers, self.inside = [], False
 
-    def gathered_parameters(self):
+    def gathered_parameters(self, params=None):
         import contextlib
 
         @contextlib.contextmanager
         def ctx():
             assert not self.inside, "nested gather"
-            self.gathers, self.inside = self.gathers + 1, True
+            assert params is not None, "a push must gather one module's parameters, not the whole model"
+            self.gathers.append(sum(p.numel() for p in params))
+            self.inside = True
             try:
                 yield
             finally:
@@ -157,9 +160,20 @@ class Zero3Learner:
         return ctx()
 
 
-def test_zero3_pushes_gather_once_and_resync_a_restarted_server_collectively(policy, toy_tokenizer):
-    """ZeRO-3: a push to several servers is one gather; a restarted server is found by GET /info at the start of
-    generate and re-synced inside one gather (the collective path; gdist's collectives are no-ops in one process)."""
+def _modules_with_parameters(policy) -> int:
+    seen, n = set(), 0
+    for m in policy.modules():
+        own = [p for p in m.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        n += bool(own)
+    return n
+
+
+def test_zero3_pushes_gather_layer_by_layer_and_resync_a_restarted_server_collectively(policy, toy_tokenizer):
+    """ZeRO-3: a push to several servers is one walk over the policy, one module gathered at a time (never the
+    whole model), each tensor sent on to both servers; a restarted server is found by GET /info at the start of
+    generate and re-synced by one more walk (the collective path; gdist's collectives are no-ops in one
+    process)."""
     from gprl.config import RolloutSpec
     from gprl.distributed import free_port
     from gprl.rollout.remote import RemoteRollout
@@ -169,16 +183,20 @@ def test_zero3_pushes_gather_once_and_resync_a_restarted_server_collectively(pol
     engines = [FakeEngine(), FakeEngine()]
     servers = [serve(e, p) for e, p in zip(engines, ports)]
     learner = Zero3Learner()
-    pushed_inside = []
     rollout = RemoteRollout(urls, toy_tokenizer, RolloutSpec(max_new_tokens=4), 16, learner=learner, bucket_mb=0.05,
                             log=lambda *_: None, base_delay=0.01, attempts=5)
-    real_push = rollout._push_once
-    rollout._push_once = lambda *a, **kw: (pushed_inside.append(learner.inside), real_push(*a, **kw))[1]
+    walk = _modules_with_parameters(policy)
+    total = sum(p.numel() for p in policy.parameters())
     try:
         rollout.sync_weights(policy, 1)
-        assert [e.version for e in engines] == [1, 1] and learner.gathers == 1 and pushed_inside == [True, True]
+        assert [e.version for e in engines] == [1, 1] and len(learner.gathers) == walk
+        assert max(learner.gathers) < total / 4  # one module at a time
+        for e in engines:
+            assert list(e.weights) == [n for n, _ in policy.named_parameters()]
+            for k, v in policy.named_parameters():
+                torch.testing.assert_close(e.weights[k], v.detach())
         assert rollout.generate(["rock", "x y"], 2).policy_version == 1
-        assert learner.gathers == 1  # every server at version 1: nothing to re-sync
+        assert len(learner.gathers) == walk  # every server at version 1: nothing to re-sync
 
         servers[1].shutdown(); servers[1].server_close()  # server 1 "restarts" at version 0
         engines[1] = FakeEngine()
@@ -186,7 +204,7 @@ def test_zero3_pushes_gather_once_and_resync_a_restarted_server_collectively(pol
         batch = rollout.generate(["rock", "x y"], 2)
         assert batch.policy_version == 1 and batch.sequences.shape[0] == 4
         assert engines[1].version == 1 and engines[1].loads == 1 and engines[0].loads == 1  # only the stale one
-        assert learner.gathers == 2 and pushed_inside == [True, True, True]
+        assert len(learner.gathers) == 2 * walk
     finally:
         for srv in servers:
             srv.shutdown(); srv.server_close()
@@ -214,8 +232,8 @@ def test_zero3_generation_fails_clearly_when_a_server_keeps_falling_behind(polic
         rollout.sync_weights(policy, 2)
         with pytest.raises(StaleRollout, match=f"still behind after {RESYNC_ROUNDS} collective re-syncs"):
             rollout.generate(["rock"], 2)
-        # the first round finds the server current; each later round re-syncs it (one gather each)
-        assert learner.gathers == 1 + (RESYNC_ROUNDS - 1)
+        # the first round finds the server current; each later round re-syncs it (one walk each)
+        assert len(learner.gathers) == (1 + (RESYNC_ROUNDS - 1)) * _modules_with_parameters(policy)
     finally:
         srv.shutdown(); srv.server_close()
 
@@ -381,7 +399,8 @@ def test_a_gloo_push_commits_the_same_weights_as_http_and_a_bad_one_leaves_the_v
     weights = {k: v.detach() for k, v in policy.named_parameters()}
     order = list(FakeEngine.default_manifest)
     try:
-        sender = CollectiveSender(urls, {})
+        sender = CollectiveSender({})
+        assert sender.form(urls) == urls
         out = sender.push(weights, 1, order)
         assert [o["version"] for o in out] == [1, 1] and [e.version for e in engines] == [1, 1]
         for e in engines:
