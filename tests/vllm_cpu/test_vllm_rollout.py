@@ -230,6 +230,12 @@ def test_trainer_with_colocated_vllm(policy_dir, toy_tokenizer, toy_backbone_con
     assert [g[0][0] for g in out] == hf_greedy(trainer.policy, toy_tokenizer, ids)
 
 
+def hf_manifest(policy_dir):
+    from gprl.serving.weights import manifest_of
+
+    return manifest_of(hf_model(policy_dir))
+
+
 def test_gloo_sync_reloads_the_engine_like_an_http_push_and_a_restarted_server_resyncs(policy_dir, toy_tokenizer,
                                                                                         tmp_path):
     """The same weights pushed over HTTP and over a gloo broadcast (gprl/serving/weight_sync.py) give the same
@@ -238,7 +244,7 @@ def test_gloo_sync_reloads_the_engine_like_an_http_push_and_a_restarted_server_r
     from gprl.rollout.remote import RemoteRollout
     from gprl.rollout.tokens import encode_prompts
     from gprl.serving.http import json_body, request
-    from gprl.serving.weight_sync import CollectiveSender
+    from gprl.serving.weight_sync import CollectiveSender, GroupChanged
 
     tok = toy_tokenizer
     port = free_port()
@@ -264,7 +270,8 @@ def test_gloo_sync_reloads_the_engine_like_an_http_push_and_a_restarted_server_r
         over_http = greedy(1)
         assert over_http == want
         perturb(model, seed=4)  # other weights over gloo: the engine really reloads
-        sender = CollectiveSender([url], {})
+        sender = CollectiveSender({})
+        assert sender.form([url], hf_manifest(policy_dir)) == [url]  # the learner's manifest is the engine's
         (out,) = sender.push(dict(model.named_parameters()), 2, order)
         assert out["version"] == 2 and greedy(2) == hf_greedy(model, tok, ids) != over_http
         model = hf_model(policy_dir)
@@ -277,7 +284,10 @@ def test_gloo_sync_reloads_the_engine_like_an_http_push_and_a_restarted_server_r
         proc = _start_server(policy_dir, port, log)
         _wait_healthy(url, proc, log)
         assert json_body(*request(url + "/info")[::2], "info")["version"] == 0
-        (out,) = CollectiveSender([url], {}).push(dict(model.named_parameters()), 3, order)
+        with pytest.raises(GroupChanged):  # seen at begin, before any tensor moves
+            sender.push(dict(model.named_parameters()), 3, order)
+        assert sender.form([url]) == [url]  # a new group with the replaced server
+        (out,) = sender.push(dict(model.named_parameters()), 3, order)
         assert out["version"] == 3 and greedy(3) == over_http
     finally:
         proc.kill()
