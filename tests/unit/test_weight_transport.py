@@ -120,3 +120,45 @@ def test_a_server_that_cannot_join_is_pushed_over_http(tiny_assets, tmp_path, re
     assert engine.calls == http_engine.calls
     assert _commits(srv, "http") == 2 and _commits(srv, "collective") == 0
     assert "cannot join the weight-sync group" in capsys.readouterr().out
+
+
+def test_a_restarted_server_is_resynced_then_rejoins_a_new_group(tiny_assets, toy_tokenizer, capsys):
+    """The server restarts (same port, version 0) after a collective push: the next rollout's 409 re-pushes it
+    over HTTP (a re-sync of one server), and the next update sees at begin that it left the group — before any
+    tensor moves — and re-forms the group with it."""
+    from transformers import AutoModelForCausalLM
+
+    from gprl.config import RolloutSpec
+    from gprl.distributed import free_port
+    from gprl.rollout.remote import RemoteRollout
+    from gprl.serving.rollout_server import build_server
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_assets / "policy")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def start():
+        srv = build_server(HFEngine(tiny_assets / "policy"), "127.0.0.1", port)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        return srv
+
+    srv = start()
+    rollout = RemoteRollout([url], toy_tokenizer, RolloutSpec(max_new_tokens=2, weight_sync={"transport": "collective"}),
+                            16, base_delay=0.01, attempts=20)
+    try:
+        rollout.sync_weights(policy, 1)
+        first_group = rollout._sender.group_id
+        assert _commits(srv, "collective") == 1
+        srv.shutdown(); srv.server_close()
+        srv = start()
+        assert rollout.generate(["rock"], 2).policy_version == 1
+        assert _commits(srv, "http") == 1 and _commits(srv, "collective") == 0
+        with torch.no_grad():
+            next(policy.parameters()).add_(0.01)
+        rollout.sync_weights(policy, 2)
+        assert _commits(srv, "collective") == 1 and rollout._sender.group_id != first_group
+        engine_weights = dict(srv.store.engine.net.named_parameters())
+        torch.testing.assert_close(dict(policy.named_parameters()), engine_weights, rtol=0, atol=0)
+        assert "re-forming the weight-sync group" in capsys.readouterr().out
+    finally:
+        srv.shutdown(); srv.server_close()
