@@ -43,7 +43,7 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> 
     raise TimeoutError(log.read_text()[-3000:])
 
 
-def _run_with_rollout_restart(tiny_assets, tmp_path, zero_stage: int, steps: int = 5) -> str:
+def _run_with_rollout_restart(tiny_assets, tmp_path, zero_stage: int, steps: int = 5, transport: str = "http") -> str:
     """2 learner ranks (ZeRO `zero_stage`) + a rollout server + a GPM server; the rollout server is SIGKILLed after
     step 2 and a new one (version 0) started on the same port. Returns the torchrun log."""
     vpy = VLLM_VENV / "bin" / "python"
@@ -71,7 +71,8 @@ def _run_with_rollout_restart(tiny_assets, tmp_path, zero_stage: int, steps: int
         "gpm": {"path": str(tiny_assets / "gpm"), "axes": 3, "serverUrl": gurl},
         "data": {"prompts": str(tiny_assets / "prompts.jsonl")},
         "algo": {"steps": steps, "prompts_per_step": 4, "group_size": 3, "micro_batch_size": 6, "learning_rate": 1e-3},
-        "rollout": {"backend": "vllm", "max_new_tokens": 6, "serverUrls": [rurl]},
+        "rollout": {"backend": "vllm", "max_new_tokens": 6, "serverUrls": [rurl],
+                    "weightSync": {"transport": transport}},
         "learner": {"backend": "deepspeed", "zero_stage": zero_stage},
         "checkpoint": {"every_steps": 2},
         "output": {"dir": str(out), "progress": False, "report": False, "eval_prompts": 2, "eval_samples": 1},
@@ -128,5 +129,7 @@ def test_two_learners_rollout_server_gpm_server_with_rollout_restart(tiny_assets
 
 def test_zero3_learners_resync_a_restarted_rollout_server_collectively(tiny_assets, warm_deepspeed, tmp_path):
     """Under ZeRO-3 no rank holds whole parameters: every push (after each update, and the re-sync of the restarted
-    server) is a gather that all ranks enter together while rank 0 sends."""
-    _run_with_rollout_restart(tiny_assets, tmp_path, zero_stage=3)
+    server) is a walk over the policy, one module gathered at a time by all ranks together, while rank 0 sends —
+    here over the gloo weight-sync group, which the replaced server (seen at begin) joins anew."""
+    text = _run_with_rollout_restart(tiny_assets, tmp_path, zero_stage=3, transport="collective")
+    assert "weight-sync group (gloo" in text, text[-4000:]
