@@ -334,8 +334,11 @@ class RolloutSpec(_Spec):
         1, ge=1, le=16, description="vLLM: GPUs one engine shards the policy across (a rollout server pod uses this "
         "many of its resources.gpus)."
     )
+    # default {} in the CRD too: the API server then stores the port, so that its immutable rule (on this object)
+    # also sees a change from the default
     weight_sync: WeightSyncSpec = Field(
-        default_factory=WeightSyncSpec, description="How new weights reach `serverUrls` after each update."
+        default_factory=WeightSyncSpec, description="How new weights reach `serverUrls` after each update.",
+        json_schema_extra={"default": {}},
     )
 
 

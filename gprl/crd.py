@@ -544,10 +544,9 @@ def render_markdown(crd: dict | None = None) -> str:
 
 
 def _resume_camel() -> list[str]:
-    from gprl.api.marks import RESUME_EXEMPT
+    from gprl.api.marks import resume_exempt
 
-    return [p for p, m in leaf_changes(RunSpec, camel=True)
-            if m is Change.IMMUTABLE and p.split(".", 1)[0] not in RESUME_EXEMPT]
+    return [p for p, m in leaf_changes(RunSpec, camel=True) if m is Change.IMMUTABLE and not resume_exempt(p)]
 
 
 def render_policy(crd: dict | None = None) -> str:

@@ -33,6 +33,7 @@ VALID = [
                                         "nodeSelector": {"nvidia.com/gpu.product": "H100-SXM", "zone": ""}}}, None),
     ("ok-output", "ok-o", {"output": {"dir": "/workspace/out/run-1", "metricsPort": 9100}}, None),
     ("ok-output-relative", "ok-r", {"output": {"dir": "runs/a/b"}}, None),
+    ("ok-weight-sync", "ok-ws", {"rollout": {"weightSync": {"transport": "collective", "port": 31000}}}, None),
     ("ok-mode-quoted-off", "ok-off", {"drift": {"mode": "off"}}, None),
 ]
 
@@ -56,6 +57,8 @@ BAD = [
     ("metrics-port-rendezvous", "b-p1", {"output": {"metricsPort": 29500}}, "metricsPort"),
     ("metrics-port-rollout", "b-p2", {"output": {"metricsPort": 8000}}, "metricsPort"),
     ("metrics-port-privileged", "b-p3", {"output": {"metricsPort": 80}}, "metricsPort"),
+    ("weight-sync-port-metrics", "b-p4", {"rollout": {"weightSync": {"port": 9400}}}, "weightSync.port"),
+    ("weight-sync-port-privileged", "b-p5", {"rollout": {"weightSync": {"port": 443}}}, "weightSync.port"),
     ("drift-mode-bare-off", "b-off", {"drift": {"mode": False}}, "mode"),
     ("snake-case-key", "b-snake", {"algo": {"group_size": 4}}, "group_size"),
     ("snake-case-section-key", "b-snake2", {"output": {"metrics_port": 9100}}, "metrics_port"),

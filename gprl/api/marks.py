@@ -31,6 +31,7 @@ __all__ = [
     "RESTART",
     "MUTABLE",
     "RESUME_EXEMPT",
+    "resume_exempt",
     "change_of",
     "leaf_changes",
     "resume_fields",
@@ -51,9 +52,16 @@ IMMUTABLE = {CHANGE_KEY: Change.IMMUTABLE.value}
 RESTART = {CHANGE_KEY: Change.RESTART.value}
 MUTABLE = {CHANGE_KEY: Change.MUTABLE.value}
 
-# Sections the resume check leaves out: they say where a run lives (pods, volumes, folders, ports), not what its
-# checkpoints contain; a local resume has no pods, and a moved output folder is still the same run.
-RESUME_EXEMPT = ("resources", "output")
+# Sections the resume check leaves out: they say where a run lives (pods, volumes, folders, ports) or how its
+# weights travel, not what its checkpoints contain; a local resume has no pods, a moved output folder is still the
+# same run, and the weight-sync port a cluster renders (0 -> 29600) is no reason to refuse a checkpoint.
+RESUME_EXEMPT = ("resources", "output", "rollout.weight_sync")
+
+
+def resume_exempt(path: str) -> bool:
+    """Whether a dotted field path (snake_case or camelCase) is outside the resume check."""
+    snake = "".join("_" + c.lower() if c.isupper() else c for c in path)
+    return any(snake == s or snake.startswith(s + ".") for s in RESUME_EXEMPT)
 
 
 def change_of(field: FieldInfo) -> Change | None:
@@ -100,4 +108,4 @@ def unmarked(model: type[BaseModel], prefix: str = "", inherited: Change | None 
 def resume_fields(model: type[BaseModel]) -> tuple[str, ...]:
     """The fields a checkpoint must agree on with the config that resumes it (snake_case dotted paths)."""
     return tuple(path for path, mark in leaf_changes(model)
-                 if mark is Change.IMMUTABLE and path.split(".", 1)[0] not in RESUME_EXEMPT)
+                 if mark is Change.IMMUTABLE and not resume_exempt(path))

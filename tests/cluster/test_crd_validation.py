@@ -113,6 +113,7 @@ IMMUTABLE_CHANGES = [
     ({"resources": {"image": "other:1"}}, "spec.resources.image"),
     ({"output": {"metricsPort": 9100}}, "spec.output.metricsPort"),
     ({"resources": {"checkpointClaim": "someone-elses"}}, "spec.resources.checkpointClaim"),  # unset -> set
+    ({"rollout": {"weightSync": {"port": 31000}}}, "spec.rollout.weightSync.port"),  # the learner's containerPort
 ]
 
 
@@ -130,7 +131,7 @@ def test_immutable_fields(crd, namespace, patch, field):
 
     leaf = field.removeprefix("spec.")
     snake = ".".join("".join("_" + c.lower() if c.isupper() else c for c in p) for p in leaf.split("."))
-    assert (snake in RESUME_FIELDS) == (not leaf.startswith(("resources.", "output.")))
+    assert (snake in RESUME_FIELDS) == (not leaf.startswith(("resources.", "output.", "rollout.weightSync.")))
 
 
 def test_restart_required_fields_change_only_while_suspended(crd, namespace):
