@@ -66,7 +66,8 @@ def main() -> None:
         manifest = _manifest(gb, torch.bfloat16)
         weights = {n: torch.randn(s.shape, dtype=s.dtype, device="cuda") for n, s in manifest.items()}
         nbytes = sum(t.numel() * t.element_size() for t in weights.values())
-        sender = CollectiveSender([url], {}, backend="nccl")
+        sender = CollectiveSender({}, backend="nccl")
+        sender.form([url])
         sender.push(weights, 1, list(manifest))  # warm-up (NCCL communicator set-up)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
