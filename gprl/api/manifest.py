@@ -6,8 +6,8 @@ server (`gprl.crd` puts them into the CRD) and in Python for `gprl config` on a 
   `controller-revision-hash: <run>-rollout-<10-character hash>`, at most 63 characters);
 - `output.dir`: inside the pod's workspace (relative to it, or absolute under it), no `..`: the checkpoint volume
   is mounted there, and must not cover the image's or the operator's own folders (/etc/gprl, /tmp, ...);
-- `output.metricsPort`, `rollout.weightSync.port`: distinct from the ports the run's pods already use, and not
-  privileged (pods run as a non-root user).
+- `output.metricsPort`, `rollout.weightSync.port`: distinct from the ports the run's pods already use and from each
+  other, and not privileged (pods run as a non-root user).
 
 `parse_manifest` is what `gprl config` runs on a file holding a GPRLRun: camelCase keys only (the API server
 knows no snake_case), and every rule above, so both give the same verdict on the same manifest.
@@ -99,6 +99,18 @@ RULES: tuple[Rule, ...] = (
         lambda name, spec: spec.rollout.weight_sync.port == 0
         or (spec.rollout.weight_sync.port >= 1024
             and spec.rollout.weight_sync.port not in (*RESERVED_PORTS, TRAINER_METRICS_PORT)),
+    ),
+    # Each port alone may be fine and the two still clash (the pod would listen twice on one port).
+    Rule(
+        "", "spec.output.metricsPort",
+        "((has(self.spec.output) && has(self.spec.output.metricsPort) && self.spec.output.metricsPort != 0) ? "
+        f"self.spec.output.metricsPort : {TRAINER_METRICS_PORT}) != "
+        "((has(self.spec.rollout) && has(self.spec.rollout.weightSync) && has(self.spec.rollout.weightSync.port) && "
+        f"self.spec.rollout.weightSync.port != 0) ? self.spec.rollout.weightSync.port : {WEIGHT_SYNC_PORT})",
+        f"spec.output.metricsPort and spec.rollout.weightSync.port must differ (0 means {TRAINER_METRICS_PORT} and "
+        f"{WEIGHT_SYNC_PORT}): the learner pod listens on both",
+        lambda name, spec: (spec.output.metrics_port or TRAINER_METRICS_PORT)
+        != (spec.rollout.weight_sync.port or WEIGHT_SYNC_PORT),
     ),
     # A run names its sources: nothing defaults to the synthetic world (gprl.sources.missing_sources, the same check
     # for `gprl train`).
