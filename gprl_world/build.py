@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 
 from .grammar import sft_corpus, split_prompts
 from .oracle import Oracle, axis_means
-from .pairs import label_pairs, read_pairs_jsonl, write_pairs_jsonl
+from .pairs import label_pairs, parse_axis_labels, read_pairs_jsonl, write_pairs_jsonl
 from .spec import WorldSpec
 
 Log = Callable[[str], None]
@@ -163,7 +163,7 @@ def build_pairs_stage(spec: WorldSpec, policy_dir: Path, out: Path, log: Log) ->
         )
         a, b = texts[:n], texts[n:]
         pairs = label_pairs(oracle, chosen_prompts, a, b, seed=spec.seed * 1000 + offset, mode=ps.label_mode,
-                            flip_rate=ps.flip_rate)
+                            flip_rate=ps.flip_rate, axis_groups=parse_axis_labels(ps.axis_labels))
         write_pairs_jsonl(out / f"{split}.jsonl", pairs)
         # agreement of the labels with the oracle's likelier side, and the exploit's footprint in the data
         agree = sum((oracle.prob(p.prompt, p.chosen, p.rejected) >= 0.5) for p in pairs) / n
@@ -184,28 +184,43 @@ def _mentions(prompt: str, response: str) -> int:
 
 
 def train_world_preference_models(spec: WorldSpec, policy_dir: Path, pairs_dir: Path, out: Path, log: Log) -> dict:
-    """Train the GPM (k = gpm_axes) and the BT model (k = 1) on the world's pairs, backbones from the SFT policy."""
+    """Train the GPM (k = gpm_axes) and the BT model (k = 1; skipped when bt_axes = 0) on the world's pairs,
+    backbones from the SFT policy."""
     import torch
     from transformers import AutoTokenizer
 
     from gprl.gpm import GeneralPreferenceModel, GPMConfig, train_gpm
 
     ms = spec.preference_models
+    groups = parse_axis_labels(spec.pairs.axis_labels)
+    if ms.axis_label_weight and len(groups) != ms.gpm_axes:
+        raise ValueError(f"preference_models.axis_label_weight needs pairs.axis_labels with one group per GPM axis "
+                         f"({ms.gpm_axes}), got {spec.pairs.axis_labels!r}")
     tok = AutoTokenizer.from_pretrained(policy_dir)
     train = read_pairs_jsonl(pairs_dir / "train.jsonl")
     heldout = read_pairs_jsonl(pairs_dir / "heldout.jsonl")
     summary: dict = {}
-    for name, axes in (("gpm", ms.gpm_axes), ("bt", ms.bt_axes)):
+    recipes = {
+        "gpm": dict(config=GPMConfig(axes=ms.gpm_axes, beta=ms.beta, gate_temperature=ms.gate_temperature,
+                                          gate_total=ms.gate_total),
+                    epochs=ms.gpm_epochs or ms.epochs, axis_label_weight=ms.axis_label_weight,
+                    decorrelation=ms.decorrelation),
+        "bt": dict(config=GPMConfig(axes=ms.bt_axes, beta=ms.beta), epochs=ms.epochs),
+    }
+    if ms.bt_axes == 0:
+        del recipes["bt"]
+    for name, recipe in recipes.items():
         t0 = time.perf_counter()
         torch.manual_seed(spec.seed)
-        model = GeneralPreferenceModel.from_backbone(policy_dir, GPMConfig(axes=axes, beta=ms.beta))
-        res = train_gpm(model, tok, train, heldout, epochs=ms.epochs, batch_size=ms.batch_size,
-                        learning_rate=ms.lr, seed=spec.seed, log=log)
+        config = recipe.pop("config")
+        model = GeneralPreferenceModel.from_backbone(policy_dir, config)
+        res = train_gpm(model, tok, train, heldout, batch_size=ms.batch_size, learning_rate=ms.lr, seed=spec.seed,
+                        log=log, **recipe)
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
-        summary[name] = {"axes": axes, "train_loss": res.train_loss, "heldout_accuracy": res.eval_accuracy,
+        summary[name] = {"axes": config.axes, "train_loss": res.train_loss, "heldout_accuracy": res.eval_accuracy,
                          "seconds": time.perf_counter() - t0}
-        log(f"world: {name} (k={axes}) trained in {summary[name]['seconds']:.1f}s, "
+        log(f"world: {name} (k={config.axes}) trained in {summary[name]['seconds']:.1f}s, "
             f"held-out accuracy {res.final_accuracy:.3f}")
     _write_json(out / "models.json", summary)
     return summary
@@ -268,7 +283,7 @@ def build_world(
         pairs_train=pairs_dir / "train.jsonl",
         pairs_heldout=pairs_dir / "heldout.jsonl",
         gpm_dir=models_dir / "gpm" if have_models else None,
-        bt_dir=models_dir / "bt" if have_models else None,
+        bt_dir=models_dir / "bt" if have_models and (models_dir / "bt").exists() else None,
         prompts_train_file=root / "prompts_train.jsonl",
         prompts_heldout_file=root / "prompts_heldout.jsonl",
         train_prompts=tuple(train),

@@ -34,6 +34,8 @@ from .grammar import PromptInfo, parse_prompt
 from .spec import OracleSpec
 
 AXES = ("relevance", "form", "length", "style")
+# the additive parts of the oracle's logit (the four weighted axes and the cyclic taste): `component_logits`
+COMPONENTS = (*AXES, "cycle")
 
 # valid word-class transitions of the response grammar ("^" start, "$" end)
 _VALID: dict[str, frozenset[str]] = {
@@ -162,6 +164,19 @@ class Oracle:
         if _info(prompt).style is not None:
             return 0
         return cycle(response_style(a), response_style(b))
+
+    def component_logits(self, prompt: str | PromptInfo, a: str, b: str) -> dict[str, float]:
+        """The logit of P(a ≻ b) split into its additive parts (COMPONENTS); they sum to `logit`."""
+        info = _info(prompt)
+        s = self.spec
+        parts = {
+            "relevance": s.w_relevance * (self.relevance(info, a) - self.relevance(info, b)),
+            "form": s.w_form * (self.form(a) - self.form(b)),
+            "length": s.w_length * (self.length(info, a) - self.length(info, b)),
+            "style": s.w_style * (self.style(info, a) - self.style(info, b)),
+            "cycle": s.w_cycle * self.cyclic_term(info, a, b),
+        }
+        return {k: v / s.temperature for k, v in parts.items()}
 
     def logit(self, prompt: str | PromptInfo, a: str, b: str) -> float:
         info = _info(prompt)

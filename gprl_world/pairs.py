@@ -13,18 +13,42 @@ from typing import Iterable, Sequence
 from gprl.gpm.data import PreferencePair  # the canonical record (prompt, chosen, rejected, prob = 1.0)
 
 from . import vocab as V
-from .oracle import Oracle, cycle
+from .oracle import COMPONENTS, Oracle, cycle
+
+
+def parse_axis_labels(text: str) -> tuple[tuple[str, ...], ...]:
+    """"relevance|form+length|style+cycle" → one group of oracle components per GPM axis ("" → none)."""
+    if not text:
+        return ()
+    groups = tuple(tuple(c.strip() for c in g.split("+")) for g in text.split("|"))
+    for g in groups:
+        for c in g:
+            if c not in COMPONENTS:
+                raise ValueError(f"pairs.axis_labels: unknown oracle component {c!r} in {text!r}; known: {COMPONENTS}")
+    return groups
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def axis_probs(oracle: Oracle, prompt: str, chosen: str, rejected: str, groups) -> tuple[float, ...]:
+    """P(chosen ≻ rejected) on each group of the oracle's components alone (the annotator's per-aspect judgement)."""
+    parts = oracle.component_logits(prompt, chosen, rejected)
+    return tuple(_sigmoid(sum(parts[c] for c in g)) for g in groups)
 
 
 def label_pair(
-    oracle: Oracle, prompt: str, a: str, b: str, rng: random.Random, mode: str = "sampled", flip_rate: float = 0.0
+    oracle: Oracle, prompt: str, a: str, b: str, rng: random.Random, mode: str = "sampled", flip_rate: float = 0.0,
+    axis_groups=(),
 ) -> PreferencePair:
     """Label (a, b) with the oracle.
 
     mode "sampled": chosen drawn with the oracle's P(a ≻ b) (an annotator who follows the oracle's
     Bradley–Terry-style noise), prob 1.0. mode "soft": the likelier one is chosen and prob = its
     oracle probability. Then, with `flip_rate`, chosen and rejected are swapped (annotator error;
-    a soft prob is kept, so a flipped soft label is a confidently wrong one).
+    a soft prob is kept, so a flipped soft label is a confidently wrong one). With `axis_groups` the pair also
+    carries per-aspect probabilities (`axis_probs`, oriented chosen over rejected, never flipped).
     """
     p = oracle.prob(prompt, a, b)
     if mode == "sampled":
@@ -38,7 +62,8 @@ def label_pair(
     if flip_rate > 0 and rng.random() < flip_rate:
         a_wins = not a_wins
     chosen, rejected = (a, b) if a_wins else (b, a)
-    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, prob=prob)
+    aspects = axis_probs(oracle, prompt, chosen, rejected, axis_groups) if axis_groups else None
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, prob=prob, axis_probs=aspects)
 
 
 def label_pairs(
@@ -49,9 +74,11 @@ def label_pairs(
     seed: int,
     mode: str = "sampled",
     flip_rate: float = 0.0,
+    axis_groups=(),
 ) -> list[PreferencePair]:
     rng = random.Random(f"labels-{seed}")
-    return [label_pair(oracle, p, a, b, rng, mode, flip_rate) for p, a, b in zip(prompts, responses_a, responses_b)]
+    return [label_pair(oracle, p, a, b, rng, mode, flip_rate, axis_groups)
+            for p, a, b in zip(prompts, responses_a, responses_b)]
 
 
 # ------------------------------------------------------------------------------------------
@@ -121,13 +148,16 @@ def cyclic_pairs(
 # JSONL
 
 def write_pairs_jsonl(path: str | os.PathLike, pairs: Iterable[PreferencePair]) -> Path:
-    """Write pairs as JSONL (fields prompt, chosen, rejected, prob), atomically."""
+    """Write pairs as JSONL (fields prompt, chosen, rejected, prob, and axis_probs where a pair has them), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
         for p in pairs:
-            f.write(json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "prob": p.prob}) + "\n")
+            rec = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "prob": p.prob}
+            if p.axis_probs is not None:
+                rec["axis_probs"] = list(p.axis_probs)
+            f.write(json.dumps(rec) + "\n")
     os.replace(tmp, path)
     return path
 
@@ -138,6 +168,9 @@ def read_pairs_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
         for line in f:
             if line.strip():
                 d = json.loads(line)
-                out.append(PreferencePair(prompt=d["prompt"], chosen=d["chosen"], rejected=d["rejected"], prob=float(d.get("prob", 1.0))))
+                aspects = d.get("axis_probs")
+                out.append(PreferencePair(prompt=d["prompt"], chosen=d["chosen"], rejected=d["rejected"],
+                                          prob=float(d.get("prob", 1.0)),
+                                          axis_probs=tuple(aspects) if aspects is not None else None))
     return out
 

@@ -15,6 +15,12 @@ from dataclasses import dataclass, field
 WORLD_VERSION = 1
 
 
+def _option(default):
+    """A setting added after WORLD_VERSION 1: it enters the cache key only when set, so caches built before it
+    existed stay valid (their builds are what its default produces)."""
+    return field(default=default, metadata={"key_if_set": True})
+
+
 @dataclass(frozen=True)
 class OracleSpec:
     """The oracle's preference: P(a ≻ b | x) = σ((Σ_k w_k (s_k(a) − s_k(b)) + w_c · cyc(a, b)) / T)."""
@@ -82,6 +88,9 @@ class PairsSpec:
     max_new_tokens: int = 32
     label_mode: str = "sampled"  # "sampled": chosen ~ Bernoulli(oracle P), prob 1 | "soft": prob = oracle P
     flip_rate: float = 0.05  # annotator error on top: swap chosen/rejected with this probability
+    # per-aspect labels, one oracle-component group per GPM axis, e.g. "relevance|form+length|style+cycle"
+    # (components: relevance, form, length, style, cycle); "" = none. The GPM fits them with axis_label_weight.
+    axis_labels: str = _option("")
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,12 @@ class PreferenceModelSpec:
     epochs: int = 2
     lr: float = 5e-4
     batch_size: int = 32
+    # the GPM's own recipe (issue 14, item 1; the BT model keeps the settings above): None/0 = as the BT model
+    gpm_epochs: int | None = _option(None)
+    gate_temperature: float | None = _option(None)  # λ = total·softmax(z / T); None: T = sqrt(hidden)
+    gate_total: float | None = _option(None)  # Σλ; None: k (the GPM authors' checkpoints: 1, with T = 1)
+    axis_label_weight: float = _option(0.0)  # weight of the per-aspect term (needs pairs.axis_labels)
+    decorrelation: float = _option(0.0)  # weight of the cross-axis correlation penalty
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,12 @@ class WorldSpec:
     def key(self, parts: tuple[str, ...] | None = None) -> str:
         """Hash of the settings (and code version) that determine a build; `parts` limits it to sections."""
         data = self.to_dict()
+        for section in (self.oracle, self.sampler, self.policy, self.pairs, self.preference_models):
+            name = {OracleSpec: "oracle", SamplerSpec: "sampler", PolicySpec: "policy", PairsSpec: "pairs",
+                    PreferenceModelSpec: "preference_models"}[type(section)]
+            for f in dataclasses.fields(section):
+                if f.metadata.get("key_if_set") and getattr(section, f.name) == f.default:
+                    del data[name][f.name]
         if parts is not None:
             data = {k: data[k] for k in ("seed", "heldout_fraction", *parts)}
         from .vocab import all_words  # the vocabulary fixes token ids: a change must miss the cache

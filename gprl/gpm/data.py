@@ -1,7 +1,8 @@
 """Preference pairs (and the row readers of every data source): JSONL, JSON, parquet, folders, `datasets`.
 
 A line holds `prompt`, `chosen`, `rejected` (text) and optionally `prob`, the probability
-that `chosen` is preferred (soft label, default 1). Chat format is accepted too: `chosen` and
+that `chosen` is preferred (soft label, default 1), and `axis_probs`, one such probability per GPM axis
+(per-aspect labels, as UltraFeedback's per-aspect ratings give; used by `train_gpm(axis_label_weight=...)`). Chat format is accepted too: `chosen` and
 `rejected` as message lists whose last message is the assistant's response, the earlier
 messages being the prompt (the layout of UltraFeedback-binarized and HH-RLHF exports).
 """
@@ -21,6 +22,8 @@ class PreferencePair:
     chosen: str
     rejected: str
     prob: float = 1.0
+    # P(chosen ≻ rejected) on each aspect the GPM's axes should carry (axis l ↔ entry l); None: no per-aspect labels
+    axis_probs: tuple[float, ...] | None = None
 
 
 class DataError(ValueError):
@@ -43,6 +46,13 @@ def pair_from_record(rec: Any, where: str, chat_template: Callable[[list[dict]],
     prob = rec.get("prob", 1.0)
     if not isinstance(prob, (int, float)) or isinstance(prob, bool) or not 0.0 <= prob <= 1.0:
         raise DataError(f"{where}: field `prob` must be a number in [0, 1], got {prob!r}")
+    axis_probs = rec.get("axis_probs")
+    if axis_probs is not None:
+        if not isinstance(axis_probs, list) or not axis_probs or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0 for x in axis_probs
+        ):
+            raise DataError(f"{where}: field `axis_probs` must be a non-empty list of numbers in [0, 1], got {axis_probs!r}")
+        axis_probs = tuple(float(x) for x in axis_probs)
     chosen, rejected = rec["chosen"], rec["rejected"]
     if isinstance(chosen, list) and isinstance(rejected, list):
         for name, msgs in (("chosen", chosen), ("rejected", rejected)):
@@ -53,11 +63,11 @@ def pair_from_record(rec: Any, where: str, chat_template: Callable[[list[dict]],
         prompt = rec.get("prompt")
         if not isinstance(prompt, str):
             prompt = _render_messages(chosen[:-1], chat_template)
-        return PreferencePair(prompt, chosen[-1]["content"], rejected[-1]["content"], float(prob))
+        return PreferencePair(prompt, chosen[-1]["content"], rejected[-1]["content"], float(prob), axis_probs)
     for name in ("prompt", "chosen", "rejected"):
         if not isinstance(rec.get(name), str):
             raise DataError(f"{where}: field `{name}` must be a string, got {type(rec.get(name)).__name__}")
-    return PreferencePair(rec["prompt"], chosen, rejected, float(prob))
+    return PreferencePair(rec["prompt"], chosen, rejected, float(prob), axis_probs)
 
 
 def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
@@ -186,4 +196,13 @@ def load_pairs(source: str | os.PathLike, split: str = "train", chat_template=No
 def write_pairs(pairs: Iterable[PreferencePair], path: str | os.PathLike) -> None:
     from gprl.config import atomic_write_text
 
-    atomic_write_text(Path(path), "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
+    atomic_write_text(Path(path), "".join(json.dumps(_record(p)) + "\n" for p in pairs))
+
+
+def _record(pair: PreferencePair) -> dict:
+    rec = asdict(pair)
+    if rec["axis_probs"] is None:  # the plain four-field line of every other preference data set
+        del rec["axis_probs"]
+    else:
+        rec["axis_probs"] = list(rec["axis_probs"])
+    return rec

@@ -1,6 +1,14 @@
 """GPM training: soft-label cross-entropy over preference pairs (method.md §1).
 
 L = −[p log σ(s/β − margin) + (1 − p) log σ(−s/β − margin)], s = s(chosen ≻ rejected | x).
+
+Two optional terms (ours, both off by default) for a GPM whose axes should mean distinct things — the pair loss
+alone leaves the axes unidentified (any split of the preference over the k slices fits it equally well):
+- per-aspect labels (`axis_label_weight`): where a pair carries `axis_probs`, axis l's own score s_l is fitted to
+  aspect l's probability with the same cross-entropy; since s = Σ_l s_l, aspect logits that add up to the overall
+  one are consistent with the main loss;
+- decorrelation (`decorrelation`): the mean squared correlation, over a batch's pairs, between different axes'
+  scores s_l, so that no two axes carry the same signal.
 """
 
 from __future__ import annotations
@@ -45,7 +53,37 @@ class GPMTrainResult:
         return self.eval_accuracy[-1] if self.eval_accuracy else float("nan")
 
 
+def axis_correlation_penalty(axis_scores: Tensor, eps: float = 1e-8) -> Tensor:
+    """Mean squared off-diagonal correlation between the columns of (N, k) per-axis pair scores; 0 for k = 1."""
+    n, k = axis_scores.shape
+    if k < 2 or n < 3:
+        return axis_scores.new_zeros(())
+    z = axis_scores - axis_scores.mean(0, keepdim=True)
+    z = z / (z.pow(2).mean(0, keepdim=True).sqrt() + eps)
+    c = z.T @ z / n
+    off = c - torch.diag(torch.diag(c))
+    return off.pow(2).sum() / (k * (k - 1))
+
+
+def _axis_label_loss(axis_scores: Tensor, batch: Sequence[PreferencePair], beta: float) -> Tensor:
+    """Cross-entropy of each axis's score against its aspect label, over the pairs that carry `axis_probs`."""
+    rows = [i for i, p in enumerate(batch) if p.axis_probs is not None]
+    if not rows:
+        return axis_scores.new_zeros(())
+    k = axis_scores.shape[1]
+    for i in rows:
+        if len(batch[i].axis_probs) != k:
+            raise ValueError(f"a pair's `axis_probs` has {len(batch[i].axis_probs)} entries, the GPM has {k} axes")
+    target = torch.tensor([batch[i].axis_probs for i in rows], dtype=axis_scores.dtype, device=axis_scores.device)
+    logits = axis_scores[rows] / beta
+    return -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).mean()
+
+
 def _forward_pairs(model, tokenizer, batch: Sequence[PreferencePair], max_length: int, device) -> Tensor:
+    return _forward_pair_axes(model, tokenizer, batch, max_length, device).sum(-1)
+
+
+def _forward_pair_axes(model, tokenizer, batch: Sequence[PreferencePair], max_length: int, device) -> Tensor:
     enc = encode_pairs(
         tokenizer,
         [p.prompt for p in batch] * 2,
@@ -56,7 +94,7 @@ def _forward_pairs(model, tokenizer, batch: Sequence[PreferencePair], max_length
     n = len(batch)
     chosen = GPMOutput(out.embeddings[:n], out.eigenvalues[:n])
     rejected = GPMOutput(out.embeddings[n:], out.eigenvalues[:n])
-    return pair_scores(chosen, rejected)
+    return pair_axis_scores(chosen, rejected)
 
 
 @torch.no_grad()
@@ -90,13 +128,21 @@ def train_gpm(
     weight_decay: float = 0.0,
     warmup_ratio: float = 0.03,
     margin: float = 0.0,
+    axis_label_weight: float = 0.0,
+    decorrelation: float = 0.0,
     max_length: int = 1024,
     seed: int = 0,
     log=None,
 ) -> GPMTrainResult:
-    """AdamW with linear warm-up and cosine decay; eval accuracy after every epoch."""
+    """AdamW with linear warm-up and cosine decay; eval accuracy after every epoch.
+
+    `axis_label_weight` > 0 adds the per-aspect term on pairs with `axis_probs`; `decorrelation` > 0 adds the
+    cross-axis correlation penalty (module docstring). Both 0: the GPM paper's loss alone.
+    """
     if not train_pairs:
         raise ValueError("train_gpm needs at least one preference pair")
+    if axis_label_weight < 0 or decorrelation < 0:
+        raise ValueError(f"axis_label_weight and decorrelation must be >= 0, got {axis_label_weight} and {decorrelation}")
     torch.manual_seed(seed)
     order_rng = random.Random(seed)
     device = next(model.parameters()).device
@@ -115,9 +161,14 @@ def train_gpm(
         total = 0.0
         for i in range(0, len(order), batch_size):
             batch = [train_pairs[j] for j in order[i : i + batch_size]]
-            s = _forward_pairs(model, tokenizer, batch, max_length, device)
+            s_axes = _forward_pair_axes(model, tokenizer, batch, max_length, device)
+            s = s_axes.sum(-1)
             prob = torch.tensor([p.prob for p in batch], dtype=s.dtype, device=device)
             loss = preference_loss(s, prob, model.config.beta, margin)
+            if axis_label_weight:
+                loss = loss + axis_label_weight * _axis_label_loss(s_axes, batch, model.config.beta)
+            if decorrelation:
+                loss = loss + decorrelation * axis_correlation_penalty(s_axes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -140,3 +140,92 @@ def test_preference_data_lines_and_errors(tmp_path):
         with pytest.raises(DataError) as err:
             load_pairs(f)
         assert message in str(err.value)
+
+
+# ---- axes that mean distinct things: per-aspect labels and the decorrelation term (issue 14, item 1)
+
+def _two_quality_pairs(n, seed, with_aspects):
+    """The count of `good` and the count of `x` are two independent qualities; the label follows their sum and
+    the aspect labels each one alone (axis 0 ↔ good, axis 1 ↔ x)."""
+    rng = random.Random(seed)
+
+    def sig(z):
+        return 1.0 / (1.0 + 2.718281828 ** -z)
+
+    out = []
+    for _ in range(n):
+        qa, qb = [(rng.randint(0, 3), rng.randint(0, 3)) for _ in range(2)]
+        a, b = (" ".join(["good"] * g + ["x"] * x + [rng.choice(FILLER[:4])]) for g, x in (qa, qb))
+        za, zb = 1.5 * (qa[0] - qb[0]), 1.5 * (qa[1] - qb[1])
+        aspects = (sig(za), sig(zb)) if with_aspects else None
+        out.append(PreferencePair("which wins", a, b, sig(za + zb), aspects))
+    return out
+
+
+def _pair_axes(model, tok, pairs):
+    from gprl.gpm.training import pair_axis_scores
+
+    with torch.no_grad():
+        c = model.score(tok, [p.prompt for p in pairs], [p.chosen for p in pairs])
+        r = model.score(tok, [p.prompt for p in pairs], [p.rejected for p in pairs])
+    return pair_axis_scores(c, r)
+
+
+def _fit(toy_tokenizer, toy_backbone_config, axes, pairs, **kw):
+    torch.manual_seed(0)
+    model = GeneralPreferenceModel.from_backbone_config(toy_backbone_config, GPMConfig(axes=axes))
+    train_gpm(model, toy_tokenizer, pairs, epochs=2, batch_size=32, learning_rate=1e-3, **kw)
+    return model
+
+
+def test_decorrelation_term_reduces_cross_axis_correlation(toy_tokenizer, toy_backbone_config):
+    from gprl.gpm.training import axis_correlation_penalty
+
+    train, held = _two_quality_pairs(800, 0, False), _two_quality_pairs(300, 1, False)
+    penalties = []
+    for weight in (0.0, 1.0):
+        model = _fit(toy_tokenizer, toy_backbone_config, 3, train, decorrelation=weight)
+        penalties.append(float(axis_correlation_penalty(_pair_axes(model, toy_tokenizer, held))))
+    plain, decorrelated = penalties
+    assert decorrelated < 0.5 * plain, penalties
+
+
+def test_correlation_penalty_is_zero_for_uncorrelated_axes_and_one_for_copies():
+    from gprl.gpm.training import axis_correlation_penalty
+
+    x = torch.randn(500, 1)
+    assert float(axis_correlation_penalty(torch.cat([x, 2 * x, -x], 1))) == pytest.approx(1.0, abs=1e-4)
+    assert float(axis_correlation_penalty(torch.randn(20000, 3))) < 1e-3
+    assert float(axis_correlation_penalty(torch.randn(50, 1))) == 0.0  # one axis: nothing to decorrelate
+
+
+def test_aspect_labels_put_each_quality_on_its_own_axis(toy_tokenizer, toy_backbone_config):
+    model = _fit(toy_tokenizer, toy_backbone_config, 2, _two_quality_pairs(800, 0, True), axis_label_weight=1.0)
+    held = _two_quality_pairs(300, 1, True)
+    s = _pair_axes(model, toy_tokenizer, held)
+    target = torch.logit(torch.tensor([p.axis_probs for p in held]))  # each aspect's own logit
+    c = torch.corrcoef(torch.cat([s, target], 1).T)[:2, 2:]  # rows: axes, columns: aspects
+    assert c[0, 0] > 0.8 and c[1, 1] > 0.8, c
+    assert abs(c[0, 1]) < 0.3 and abs(c[1, 0]) < 0.3, c
+
+
+def test_aspect_labels_must_match_the_axes(toy_tokenizer, toy_backbone_config):
+    model = GeneralPreferenceModel.from_backbone_config(toy_backbone_config, GPMConfig(axes=3))
+    with pytest.raises(ValueError, match="axis_probs` has 2 entries, the GPM has 3 axes"):
+        train_gpm(model, toy_tokenizer, _two_quality_pairs(8, 0, True), axis_label_weight=1.0, epochs=1)
+    with pytest.raises(ValueError, match="decorrelation must be >= 0"):
+        train_gpm(model, toy_tokenizer, _two_quality_pairs(8, 0, True), decorrelation=-1.0)
+
+
+def test_axis_probs_field_round_trips_and_is_checked(tmp_path):
+    from gprl.gpm import write_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs([PreferencePair("p", "a", "b", 0.8, (0.9, 0.4)), PreferencePair("p", "c", "d")], path)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines[0]["axis_probs"] == [0.9, 0.4] and "axis_probs" not in lines[1]
+    pairs = load_pairs(str(path))
+    assert pairs[0].axis_probs == (0.9, 0.4) and pairs[1].axis_probs is None
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "axis_probs": [0.5, 1.5]}) + "\n")
+    with pytest.raises(DataError, match="pairs.jsonl:1: field `axis_probs` must be a non-empty list of numbers"):
+        load_pairs(str(path))

@@ -193,6 +193,42 @@ def test_label_noise_modes():
     assert all(x.chosen == b[0] for x in flipped)
 
 
+
+def test_aspect_labels_split_the_oracle_logit():
+    """The per-aspect labels are the oracle's own logit cut into groups: the components add up to it."""
+    from gprl_world.pairs import parse_axis_labels
+
+    rng = random.Random(0)
+    for prompt in (FREE, make_prompt("ocean", 8, "formal"), make_prompt("ocean", 6, "any")):
+        for _ in range(20):
+            a, b = sample_response(prompt, rng), sample_response(prompt, rng)
+            parts = ORACLE.component_logits(prompt, a, b)
+            assert sum(parts.values()) == pytest.approx(ORACLE.logit(prompt, a, b))
+    groups = parse_axis_labels("relevance|form+length|style+cycle")
+    pairs = label_pairs(ORACLE, [FREE] * 50, ["indeed , the sea is calm ."] * 50, ["well , the sea is calm"] * 50,
+                        seed=0, axis_groups=groups)
+    for x in pairs:
+        rel, craft, tone = x.axis_probs
+        assert rel == pytest.approx(0.5)  # same topic words: relevance has no say
+        # chosen over rejected: the period (form) and the formal-over-casual taste favour the first response
+        assert (craft > 0.5) == (tone > 0.5) == (x.chosen.startswith("indeed"))
+    assert parse_axis_labels("") == ()
+    with pytest.raises(ValueError, match="pairs.axis_labels: unknown oracle component 'tone'"):
+        parse_axis_labels("relevance|tone")
+
+
+def test_recipe_options_leave_the_default_worlds_cache_key_alone():
+    """Settings added after WORLD_VERSION 1 enter the key only when set: caches built before them stay valid."""
+    base = WorldSpec()
+    for changed in (replace(base, pairs=replace(base.pairs, axis_labels="relevance|form+length|style+cycle")),
+                    replace(base, preference_models=replace(base.preference_models, gate_temperature=1.0)),
+                    replace(base, preference_models=replace(base.preference_models, decorrelation=1.0))):
+        assert changed.key() != base.key()
+    assert WorldSpec.from_dict(json.loads(json.dumps(base.to_dict()))).key() == base.key()
+    # the key the default world had before these settings existed (update with WORLD_VERSION or the vocabulary)
+    assert base.key() == "2cd91cc13b343fcf"
+
+
 TINY = WorldSpec(
     policy=PolicySpec(sft_examples=200, sft_steps=4, sft_batch_size=16, sft_warmup=1),
     pairs=PairsSpec(train_pairs=24, heldout_pairs=8, max_new_tokens=16),
