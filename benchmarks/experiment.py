@@ -81,7 +81,7 @@ def run_one(variant: str, seed: int, out: Path, args) -> Path:
         "from pathlib import Path\n"
         "from gprl.demo import variant_spec\n"
         "from gprl.trainer import Trainer\n"
-        f"spec = variant_spec({variant!r}, json.loads(sys.argv[1]), Path({str(out)!r}), {seed})\n"
+        f"spec = variant_spec({variant!r}, json.loads(sys.argv[1]), Path({str(out)!r}), {seed}, {args.gpm!r})\n"
         "Trainer(spec, log=lambda *a: None).train()\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--long", type=int, default=120)
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--kl-coef", type=float, default=0.02)
+    ap.add_argument("--gpm", default=None,
+                    help="the k = 3 rows' GPM instead of world:gpm, e.g. world:gpm_aspects (gprl_world.spec.GPM_RECIPES)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, start none")
     args = ap.parse_args()

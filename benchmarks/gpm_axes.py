@@ -43,6 +43,9 @@ VARIANTS: dict[str, tuple[dict, dict, str]] = {
     "authors_gate": ({}, {"gate_temperature": 1.0, "gate_total": 1.0},
                      "the GPM authors' gate: softmax without temperature, Σλ = 1"),
     "decorrelated": ({}, {"decorrelation": 1.0}, "cross-axis correlation penalty, weight 1"),
+    "bigger_backbone": ({}, {"gpm_backbone_hidden": 256},
+                        "a larger backbone than the policy's: hidden 256 (1.3M parameters against 0.35M), "
+                        "SFT-ed on the policy's corpus"),
     "aspects": ({"label_mode": "soft", "axis_labels": _ASPECTS}, {"axis_label_weight": 1.0},
                 "soft labels + per-aspect labels (relevance | form+length | style+cycle), weight 1"),
     "aspects_gate": ({"label_mode": "soft", "axis_labels": _ASPECTS},
@@ -50,6 +53,9 @@ VARIANTS: dict[str, tuple[dict, dict, str]] = {
     "aspects_more": ({"label_mode": "soft", "axis_labels": _ASPECTS, "train_pairs": 24000},
                      {"axis_label_weight": 1.0, "gate_temperature": 1.0, "gpm_epochs": 3},
                      "aspects + gate T = 1 + 24,000 pairs + 3 epochs"),
+    "aspects_bigger": ({"label_mode": "soft", "axis_labels": _ASPECTS},
+                       {"axis_label_weight": 1.0, "gate_temperature": 1.0, "gpm_backbone_hidden": 256},
+                       "aspects + gate T = 1 + the larger backbone"),
 }
 
 

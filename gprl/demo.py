@@ -53,8 +53,11 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def variant_spec(name: str, base: dict, out_dir: Path, seed: int) -> RunSpec:
+def variant_spec(name: str, base: dict, out_dir: Path, seed: int, gpm: str | None = None) -> RunSpec:
+    """The run of variant `name`; `gpm` replaces the k = 3 rows' GPM (e.g. `world:gpm_aspects`), not the BT rows'."""
     raw = _merge(_merge(_merge(WORLD, base), VARIANTS[name]), {"seed": seed, "output": {"dir": str(out_dir / name / f"seed{seed}")}})
+    if gpm is not None and VARIANTS[name]["gpm"]["axes"] > 1:
+        raw = _merge(raw, {"gpm": {"path": gpm}})
     return parse_config(raw)
 
 

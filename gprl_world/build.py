@@ -183,9 +183,10 @@ def _mentions(prompt: str, response: str) -> int:
     return topic_mentions(prompt, response)
 
 
-def train_world_preference_models(spec: WorldSpec, policy_dir: Path, pairs_dir: Path, out: Path, log: Log) -> dict:
+def train_world_preference_models(spec: WorldSpec, policy_dir: Path, pairs_dir: Path, out: Path, log: Log,
+                                  gpm_backbone_dir: Optional[Path] = None) -> dict:
     """Train the GPM (k = gpm_axes) and the BT model (k = 1; skipped when bt_axes = 0) on the world's pairs,
-    backbones from the SFT policy."""
+    backbones from the SFT policy (the GPM's from `gpm_backbone_dir` when given)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -201,11 +202,11 @@ def train_world_preference_models(spec: WorldSpec, policy_dir: Path, pairs_dir: 
     heldout = read_pairs_jsonl(pairs_dir / "heldout.jsonl")
     summary: dict = {}
     recipes = {
-        "gpm": dict(config=GPMConfig(axes=ms.gpm_axes, beta=ms.beta, gate_temperature=ms.gate_temperature,
+        "gpm": dict(backbone=gpm_backbone_dir or policy_dir, config=GPMConfig(axes=ms.gpm_axes, beta=ms.beta, gate_temperature=ms.gate_temperature,
                                           gate_total=ms.gate_total),
                     epochs=ms.gpm_epochs or ms.epochs, axis_label_weight=ms.axis_label_weight,
                     decorrelation=ms.decorrelation),
-        "bt": dict(config=GPMConfig(axes=ms.bt_axes, beta=ms.beta), epochs=ms.epochs),
+        "bt": dict(backbone=policy_dir, config=GPMConfig(axes=ms.bt_axes, beta=ms.beta), epochs=ms.epochs),
     }
     if ms.bt_axes == 0:
         del recipes["bt"]
@@ -213,7 +214,7 @@ def train_world_preference_models(spec: WorldSpec, policy_dir: Path, pairs_dir: 
         t0 = time.perf_counter()
         torch.manual_seed(spec.seed)
         config = recipe.pop("config")
-        model = GeneralPreferenceModel.from_backbone(policy_dir, config)
+        model = GeneralPreferenceModel.from_backbone(recipe.pop("backbone"), config)
         res = train_gpm(model, tok, train, heldout, batch_size=ms.batch_size, learning_rate=ms.lr, seed=spec.seed,
                         log=log, **recipe)
         model.save_pretrained(out / name)
@@ -262,9 +263,17 @@ def build_world(
 
         models_dir = cache / f"models-{spec.key(('sampler', 'policy', 'oracle', 'pairs', 'preference_models'))}"
         if preference_models:
+            backbone_spec = spec.preference_models.gpm_backbone(spec.policy)
+            backbone_dir = None
+            if backbone_spec is not None:  # the GPM's own, larger LM: SFT-ed like the policy, cached the same way
+                backbone_world = dataclasses.replace(spec, policy=backbone_spec)
+                backbone_dir = cache / f"policy-{backbone_world.key(('sampler', 'policy'))}"
+                with _stage(cache, backbone_dir.name) as tmp:
+                    if tmp is not None:
+                        build_policy_stage(backbone_world, tmp, log)
             with _stage(cache, models_dir.name) as tmp:
                 if tmp is not None:
-                    train_world_preference_models(spec, policy_dir, pairs_dir, tmp, log)
+                    train_world_preference_models(spec, policy_dir, pairs_dir, tmp, log, backbone_dir)
         have_models = (models_dir / "DONE").exists()
         if have_models:
             info["models"] = json.loads((models_dir / "models.json").read_text())

@@ -8,10 +8,12 @@ its GPM was trained on. The product never imports this package.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Mapping
+from typing import Any, Callable, Iterator, Sequence
 
 from .build import build_world
 from .oracle import Oracle, axis_means
+from .spec import GPM_RECIPES, recipe_spec
 from .oracle import win_rate as oracle_win_rate
 
 
@@ -29,6 +31,31 @@ class WorldJudge:
         return float(oracle_win_rate(self.oracle, prompts, a, b))
 
 
+class _Models(Mapping):
+    """The world's models by name: policy, gpm, bt, and the GPMs of other recipes (spec.GPM_RECIPES), each of
+    those built only when a run asks for it (minutes, then cached)."""
+
+    def __init__(self, built: dict[str, str], cache, log: Callable[[str], None]):
+        self._built, self._cache, self._log = dict(built), cache, log
+
+    def __getitem__(self, name: str) -> str:
+        if name not in self._built:
+            if name not in GPM_RECIPES:
+                raise KeyError(name)
+            world = build_world(cache_dir=self._cache, seed=0, spec=recipe_spec(name), log=self._log)
+            self._built[name] = str(world.gpm_dir)
+        return self._built[name]
+
+    def __contains__(self, name: object) -> bool:  # without building (Mapping's default would)
+        return name in self._built or name in GPM_RECIPES
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(dict.fromkeys([*self._built, *GPM_RECIPES]))
+
+    def __len__(self) -> int:
+        return len(set(self._built) | set(GPM_RECIPES))
+
+
 class WorldSources:
     """The built world as a `SourceProvider`."""
 
@@ -36,7 +63,8 @@ class WorldSources:
         from gprl.sources import cache_dir
 
         world = build_world(cache_dir=cache_dir() / "world", seed=0, log=log)
-        self.models = {"policy": str(world.policy_dir), "gpm": str(world.gpm_dir), "bt": str(world.bt_dir)}
+        self.models = _Models({"policy": str(world.policy_dir), "gpm": str(world.gpm_dir), "bt": str(world.bt_dir)},
+                              cache_dir() / "world", log)
         self.prompt_sets = {"prompts": (list(world.train_prompts), list(world.heldout_prompts))}
         self.judge = WorldJudge(Oracle(world.spec.oracle))
 

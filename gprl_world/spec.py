@@ -109,6 +109,18 @@ class PreferenceModelSpec:
     gate_total: float | None = _option(None)  # Σλ; None: k (the GPM authors' checkpoints: 1, with T = 1)
     axis_label_weight: float = _option(0.0)  # weight of the per-aspect term (needs pairs.axis_labels)
     decorrelation: float = _option(0.0)  # weight of the cross-axis correlation penalty
+    # a larger backbone than the policy's: an LM of this width / depth SFT-ed on the policy's corpus (0 = the policy)
+    gpm_backbone_hidden: int = _option(0)
+    gpm_backbone_layers: int = _option(0)
+
+    def gpm_backbone(self, policy: "PolicySpec") -> "PolicySpec | None":
+        """The PolicySpec of the GPM's own backbone, or None when it starts from the SFT policy."""
+        if not (self.gpm_backbone_hidden or self.gpm_backbone_layers):
+            return None
+        hidden = self.gpm_backbone_hidden or policy.hidden_size
+        return dataclasses.replace(policy, hidden_size=hidden, intermediate_size=2 * hidden,
+                                   num_layers=self.gpm_backbone_layers or policy.num_layers,
+                                   init_std=policy.init_std * (policy.hidden_size / hidden) ** 0.5)
 
 
 @dataclass(frozen=True)
@@ -155,3 +167,22 @@ class WorldSpec:
 
         blob = json.dumps({"version": WORLD_VERSION, "vocab": all_words(), **data}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# Other recipes for the world's GPM (issue 14, item 1), offered beside the default as `world:<name>` model sources
+# (built on first use into the same cache). name -> (pairs settings, preference_models settings); the default world
+# keeps its GPM, because docs/experiment.md's table and the README's demo figures were measured with it.
+GPM_RECIPES: dict[str, tuple[dict, dict]] = {
+    "gpm_aspects": ({"label_mode": "soft", "axis_labels": "relevance|form+length|style+cycle"},
+                    {"axis_label_weight": 1.0, "gate_temperature": 1.0, "bt_axes": 0}),
+}
+
+
+def recipe_spec(name: str, base: "WorldSpec | None" = None) -> "WorldSpec":
+    """The world whose GPM is built by recipe `name` (GPM_RECIPES); its SFT policy is the default world's."""
+    if name not in GPM_RECIPES:
+        raise ValueError(f"unknown GPM recipe {name!r}; known: {sorted(GPM_RECIPES)}")
+    base = base or WorldSpec()
+    pairs, models = GPM_RECIPES[name]
+    return dataclasses.replace(base, pairs=dataclasses.replace(base.pairs, **pairs),
+                               preference_models=dataclasses.replace(base.preference_models, **models))

@@ -19,3 +19,11 @@ def test_demo_trains_both_variants_and_writes_the_table(tmp_path):
     assert (tmp_path / "demo" / "demo.md").read_text().count("| gprl |") == 1
     for variant in ("gprl", "grpo_bt_monitor"):
         assert (tmp_path / "demo" / variant / "seed0" / "report" / "summary.md").exists()
+
+
+def test_a_variant_can_run_on_another_world_gpm(tmp_path):
+    from gprl.demo import variant_spec
+
+    assert variant_spec("gprl", {}, tmp_path, 1, "world:gpm_aspects").gpm.path == "world:gpm_aspects"
+    assert variant_spec("gprl", {}, tmp_path, 1).gpm.path == "world:gpm"
+    assert variant_spec("grpo_bt", {}, tmp_path, 1, "world:gpm_aspects").gpm.path == "world:bt"  # BT rows keep BT

@@ -298,3 +298,19 @@ def test_build_is_deterministic(tmp_path):
     assert a.pairs_heldout.read_text() == b.pairs_heldout.read_text()
     assert a.info["sft"]["final_loss"] == b.info["sft"]["final_loss"]
     assert a.pairs_train.name == b.pairs_train.name and a.policy_dir.name == b.policy_dir.name
+
+
+def test_gpm_recipes_are_offered_as_world_sources_and_built_only_when_asked():
+    from gprl_world.hook import _Models
+    from gprl_world.spec import GPM_RECIPES, recipe_spec
+
+    models = _Models({"policy": "/p", "gpm": "/g", "bt": "/b"}, cache=None, log=lambda m: None)
+    assert "gpm_aspects" in models and "nope" not in models and models["gpm"] == "/g"
+    assert set(models) == {"policy", "gpm", "bt", *GPM_RECIPES} and len(models) == 3 + len(GPM_RECIPES)
+    with pytest.raises(KeyError):
+        models["nope"]
+    aspects = recipe_spec("gpm_aspects")
+    assert aspects.key(("sampler", "policy")) == WorldSpec().key(("sampler", "policy"))  # the same SFT policy
+    assert aspects.pairs.axis_labels and aspects.preference_models.axis_label_weight > 0
+    with pytest.raises(ValueError, match="unknown GPM recipe 'nope'"):
+        recipe_spec("nope")
