@@ -31,6 +31,8 @@ import time
 
 import torch
 
+from gprl_world.spec import GPM_RECIPES
+
 _ASPECTS = "relevance|form+length|style+cycle"  # one group of the oracle's components per axis of a k = 3 GPM
 
 # name → (pairs settings, preference_models settings, what it tries); "world" is the world's default GPM
@@ -46,8 +48,8 @@ VARIANTS: dict[str, tuple[dict, dict, str]] = {
     "bigger_backbone": ({}, {"gpm_backbone_hidden": 256},
                         "a larger backbone than the policy's: hidden 256 (1.3M parameters against 0.35M), "
                         "SFT-ed on the policy's corpus"),
-    "aspects": ({"label_mode": "soft", "axis_labels": _ASPECTS}, {"axis_label_weight": 1.0},
-                "soft labels + per-aspect labels (relevance | form+length | style+cycle), weight 1"),
+    "aspects": (*GPM_RECIPES["gpm_aspects"],
+                "soft labels + per-aspect labels (relevance | form+length | style+cycle), weight 1 (world:gpm_aspects)"),
     "aspects_gate": ({"label_mode": "soft", "axis_labels": _ASPECTS},
                      {"axis_label_weight": 1.0, "gate_temperature": 1.0}, "aspects + gate temperature 1"),
     "aspects_more": ({"label_mode": "soft", "axis_labels": _ASPECTS, "train_pairs": 24000},
@@ -80,7 +82,7 @@ def variant_world(name: str, seed: int, log):
     spec = dataclasses.replace(
         base,
         pairs=dataclasses.replace(base.pairs, **pairs),
-        preference_models=dataclasses.replace(base.preference_models, bt_axes=0, **models),
+        preference_models=dataclasses.replace(base.preference_models, **{"bt_axes": 0, **models}),
     )
     return build_world(seed=seed, spec=spec, log=log)
 

@@ -174,7 +174,7 @@ class WorldSpec:
 # keeps its GPM, because docs/experiment.md's table and the README's demo figures were measured with it.
 GPM_RECIPES: dict[str, tuple[dict, dict]] = {
     "gpm_aspects": ({"label_mode": "soft", "axis_labels": "relevance|form+length|style+cycle"},
-                    {"axis_label_weight": 1.0, "gate_temperature": 1.0, "bt_axes": 0}),
+                    {"axis_label_weight": 1.0, "bt_axes": 0}),
 }
 
 
