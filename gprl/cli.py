@@ -13,6 +13,13 @@ import yaml
 from gprl.config import ConfigError, RunSpec, add_config_flags, apply_config_flags, dump_config, parse_config
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def _read_yaml(path: str | None) -> Any:
     if not path:
         return {}
@@ -86,7 +93,8 @@ def cmd_gpm_train(args) -> int:
     evals = load_pairs(args.eval_data, chat_template=chat) if args.eval_data else []
     model = GeneralPreferenceModel.from_backbone(args.backbone, GPMConfig(axes=args.axes, beta=args.beta))
     res = train_gpm(model, tok, train, evals, epochs=args.epochs, batch_size=args.batch_size,
-                    learning_rate=args.learning_rate, margin=args.margin, seed=args.seed, log=print)
+                    learning_rate=args.learning_rate, margin=args.margin, axis_label_weight=args.axis_label_weight,
+                    decorrelation=args.decorrelation, seed=args.seed, log=print)
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     print(json.dumps({"out": args.out, "train_loss": res.train_loss, "eval_accuracy": res.eval_accuracy}))
@@ -174,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     gt.add_argument("--epochs", type=int, default=2)
     gt.add_argument("--batch-size", type=int, default=32)
     gt.add_argument("--learning-rate", type=float, default=3e-4)
+    gt.add_argument("--axis-label-weight", type=_non_negative, default=0.0,
+                    help="weight of the per-aspect term on pairs with `axis_probs` (one per axis); 0 = off")
+    gt.add_argument("--decorrelation", type=_non_negative, default=0.0,
+                    help="weight of the cross-axis correlation penalty; 0 = off")
     gt.add_argument("--seed", type=int, default=0)
     gt.set_defaults(func=cmd_gpm_train)
 

@@ -229,3 +229,20 @@ def test_axis_probs_field_round_trips_and_is_checked(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "axis_probs": [0.5, 1.5]}) + "\n")
     with pytest.raises(DataError, match="pairs.jsonl:1: field `axis_probs` must be a non-empty list of numbers"):
         load_pairs(str(path))
+
+
+def test_gpm_train_cli_takes_the_aspect_and_decorrelation_terms(tiny_assets, tmp_path, capsys):
+    from gprl.cli import main
+
+    from gprl.gpm import write_pairs
+
+    pairs = [PreferencePair("which wins", "rock good", "paper", 0.8, (0.9, 0.6, 0.5)),
+             PreferencePair("which wins", "scissors", "rock a", 0.3, (0.2, 0.5, 0.5))] * 4
+    write_pairs(pairs, tmp_path / "pairs.jsonl")
+    base = ["gpm", "train", "--data", str(tmp_path / "pairs.jsonl"), "--backbone", str(tiny_assets / "policy"),
+            "--epochs", "1", "--batch-size", "4"]
+    assert main([*base, "--out", str(tmp_path / "gpm"), "--axis-label-weight", "1", "--decorrelation", "0.5"]) == 0
+    assert GeneralPreferenceModel.from_pretrained(tmp_path / "gpm").config.axes == 3
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(tmp_path / "never"), "--decorrelation", "-1"])
+    assert "--decorrelation: must be a number >= 0, got -1" in capsys.readouterr().err
