@@ -315,7 +315,9 @@ def world_spec(mode: str) -> dict:
 
 # Opt-in: with the lag-relative signal of issue 14 the win-rate lead no longer fires on this world's exploit (its GPM
 # spreads the exploit over axes 0 and 2; docs/experiment.md), so the claims below do not hold today. Kept runnable
-# (GPRL_WORLD_E2E=1) for the day the world's GPM separates its axes, not run by `make test`.
+# (GPRL_WORLD_E2E=1) for the day the world's GPM separates its axes, not run by `make test`. `world:gpm_aspects`
+# (per-aspect labels) puts the exploit's proxy on one axis and its lead fired on that axis in two observing runs
+# (docs/experiment.md); this test has not been run with it.
 @pytest.mark.skipif(os.environ.get("GPRL_WORLD_E2E") != "1",
                     reason="opt-in (GPRL_WORLD_E2E=1): the relative lead does not see this world's exploit, see docs/experiment.md")
 def test_world_exploited_axis_stays_bounded_under_the_operator(control_plane, drift_operator, prometheus, namespace,
