@@ -1,4 +1,4 @@
-"""GPRL's training step against TRL's GRPOTrainer (HF generation, no vLLM) on the same tiny world policy.
+"""GPRL's training step against TRL's GRPOTrainer (HF generation, no vLLM), at several policy sizes.
 
 Same policy, G, prompt set, completion length, batch (prompts × G), one optimizer update per batch,
 β_KL (so both run a reference forward) and the same preference-model forward for the reward.
@@ -6,7 +6,14 @@ TRL gets a scalar reward per completion from the world GPM (the mean pairwise pr
 summed over axes); GPRL scores the same GPM's k axes and runs the drift monitor on top.
 Each side runs in its own subprocess (clean peak-memory figures), one after the other, in one invocation:
 
-    python benchmarks/trl_compare.py [--steps 12] [--warmup 2] [--threads 2]
+    python benchmarks/trl_compare.py [--size world|8m|30m|100m] [--steps 12] [--warmup 2] [--threads 2]
+                                     [--profile DIR]
+
+--size world is the world's SFT policy and GPM (0.35M parameters); the other sizes are random-weight Llama policies
+built here on the world's tokenizer (so the world's prompts feed them), with a GPM of random heads on a random
+backbone of the same shape; nothing is downloaded. Random policies rarely stop early: nearly every response runs to
+--max-new-tokens, so the step is the model's compute. --profile writes, per side, cProfile's top functions and
+torch.profiler's operator table (time and CPU memory) of the timed steps to DIR.
 """
 
 from __future__ import annotations
@@ -19,6 +26,88 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+# name: (hidden, layers, heads, intermediate); vocabulary: the world tokenizer's (504 words)
+SIZES = {"8m": (384, 4, 6, 1024), "30m": (576, 8, 8, 1536), "100m": (768, 14, 12, 2048)}
+
+
+def model_dirs(size: str) -> tuple[str, str]:
+    """(policy folder, GPM folder) of a size; random Llama ones are built once into GPRL's cache."""
+    from gprl.sources import cache_dir, resolve_model
+
+    quiet = lambda *_: None  # noqa: E731
+    world_policy = resolve_model("world:policy", "policy", quiet)
+    if size == "world":
+        return world_policy, resolve_model("world:gpm", "gpm", quiet)
+    root = cache_dir() / "bench-models" / size
+    policy, gpm = root / "policy", root / "gpm"
+    if not (policy / "config.json").exists() or not (gpm / "gpm_config.json").exists():
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        from gprl.gpm import GeneralPreferenceModel
+        from gprl.gpm.model import GPMConfig
+
+        tok = AutoTokenizer.from_pretrained(world_policy)
+        hidden, layers, heads, inter = SIZES[size]
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                          num_key_value_heads=heads, intermediate_size=inter, max_position_embeddings=512,
+                          tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+        model.generation_config.pad_token_id, model.generation_config.eos_token_id = tok.pad_token_id, tok.eos_token_id
+        model.save_pretrained(policy)
+        tok.save_pretrained(policy)
+        GeneralPreferenceModel.from_backbone_config(cfg, GPMConfig(axes=3)).save_pretrained(gpm)
+        tok.save_pretrained(gpm)
+    return str(policy), str(gpm)
+
+
+def n_params(folder: str) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+
+
+class Profile:
+    """cProfile + torch.profiler around the timed steps of one side (--profile DIR); a no-op without DIR."""
+
+    def __init__(self, args, side: str):
+        self.dir, self.side = (Path(args.profile) if args.profile else None), side
+        self.on = False
+
+    def start(self):
+        if self.dir is None or self.on:
+            return
+        import cProfile
+
+        import torch
+
+        self.cprof = cProfile.Profile()
+        self.tprof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                                            record_shapes=False)
+        self.tprof.__enter__()
+        self.cprof.enable()
+        self.on = True
+
+    def stop(self):
+        if not self.on:
+            return
+        import io
+        import pstats
+
+        self.cprof.disable()
+        self.tprof.__exit__(None, None, None)
+        self.on = False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        buf = io.StringIO()
+        pstats.Stats(self.cprof, stream=buf).sort_stats("cumulative").print_stats(60)
+        (self.dir / f"{self.side}-cprofile.txt").write_text(buf.getvalue())
+        table = self.tprof.key_averages()
+        (self.dir / f"{self.side}-ops-time.txt").write_text(table.table(sort_by="self_cpu_time_total", row_limit=40))
+        (self.dir / f"{self.side}-ops-memory.txt").write_text(table.table(sort_by="self_cpu_memory_usage", row_limit=30))
 
 
 def common(args):
@@ -31,24 +120,31 @@ def run_gprl(args) -> dict:
 
     c = common(args)
     out = tempfile.mkdtemp(prefix="bench-gprl-")
+    world = args.size == "world"
+    policy, gpm = ("world:policy", "world:gpm") if world else model_dirs(args.size)
     spec = parse_config({
         "seed": 0,
-        "model": {"policy": "world:policy"}, "gpm": {"path": "world:gpm"}, "data": {"prompts": "world:prompts"},
+        "model": {"policy": policy}, "gpm": {"path": gpm, "batch_size": c["prompts"] * c["group"]},
+        "data": {"prompts": "world:prompts"},
         "algo": {"steps": args.steps, "prompts_per_step": c["prompts"], "group_size": c["group"], "learning_rate": c["lr"],
                  "kl_coef": c["beta"], "micro_batch_size": c["prompts"] * c["group"]},
         "rollout": {"max_new_tokens": c["max_new_tokens"], "top_k": 0},
+        "drift": {"probe_every": args.probe_every} if args.probe_every is not None else {},
         "output": {"dir": out, "progress": False, "report": False},
         "checkpoint": {"every_steps": 10_000},
+        "learner": {"gradient_checkpointing": args.gradient_checkpointing == "on"},
     })
     trainer = Trainer(spec, log=lambda *_: None)
     trainer.sources.oracle = None  # oracle bookkeeping is a world-only extra TRL does not do
     trainer.spec.output.eval_every = 0
-    t_start, recs = None, []
+    t_start, recs, prof = None, [], Profile(args, "gprl")
     while trainer.step < args.steps:
         if trainer.step == args.warmup:
             t_start = time.perf_counter()
+            prof.start()
         recs.append(trainer.train_step())
     wall = time.perf_counter() - t_start
+    prof.stop()
     timed = recs[args.warmup :]
     phases = {}
     for r in timed:
@@ -60,6 +156,8 @@ def run_gprl(args) -> dict:
         "tokens_per_second": sum(r["tokens"] for r in timed) / wall,
         "phase_share": {k: v / total for k, v in phases.items()},
         "overhead_share": 1.0 - sum(phases.get(k, 0.0) for k in ("generate", "score", "update")) / total,
+        "probe_steps": sum("probe" in r["timings"] for r in timed),
+        "response_length": sum(r["response_length"] for r in timed) / len(timed),
     }
 
 
@@ -71,11 +169,11 @@ def run_trl(args) -> dict:
 
     from gprl.algo import group_axis_scores
     from gprl.gpm import GeneralPreferenceModel
-    from gprl.sources import provider, resolve_model
+    from gprl.sources import provider
 
     c = common(args)
     quiet = lambda *_: None  # noqa: E731
-    policy, gpm_dir = resolve_model("world:policy", "policy", quiet), resolve_model("world:gpm", "gpm", quiet)
+    policy, gpm_dir = model_dirs(args.size)
     tok = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy)
     gpm = GeneralPreferenceModel.from_pretrained(gpm_dir).eval()
@@ -99,16 +197,20 @@ def run_trl(args) -> dict:
         beta=c["beta"], learning_rate=c["lr"], max_steps=args.steps, logging_steps=1, report_to=[], use_cpu=True,
         save_strategy="no", temperature=1.0, top_k=0, top_p=1.0, gradient_accumulation_steps=1, seed=0,
         disable_dropout=True, shuffle_dataset=False, dataloader_num_workers=0,
+        gradient_checkpointing=args.gradient_checkpointing == "on",  # TRL's default is on, GPRL's off: set on both
     )
-    marks = []
+    marks, prof = [], Profile(args, "trl")
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             marks.append((time.perf_counter(), tokens["n"]))
+            if len(marks) == args.warmup:
+                prof.start()
 
     trainer = GRPOTrainer(model=model, reward_funcs=gpm_reward, args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[Clock()])
     trainer.train()
+    prof.stop()
     (t0, n0), (t1, n1) = marks[args.warmup - 1], marks[-1]
     return {"steps_per_second": (len(marks) - args.warmup) / (t1 - t0), "tokens_per_second": (n1 - n0) / (t1 - t0)}
 
@@ -122,6 +224,10 @@ def main():
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", choices=["world", *SIZES], default="world")
+    ap.add_argument("--probe-every", type=int, default=None, help="GPRL's drift.probeEvery (default: the config's)")
+    ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off", help="on both sides")
+    ap.add_argument("--profile", default=None, help="a folder for per-side profiles of the timed steps")
     args = ap.parse_args()
     if args.which != "both":
         import torch
@@ -132,9 +238,11 @@ def main():
         print("RESULT " + json.dumps(res))
         return
     results = {}
+    policy, _ = model_dirs(args.size)  # built once, before either side is timed
+    load = os.getloadavg()
     for which in ("trl", "gprl"):
         cmd = [sys.executable, __file__, "--which", which] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "which"
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "which" and v is not None
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -142,8 +250,12 @@ def main():
             sys.exit(f"{which} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         results[which] = json.loads(line[-1][7:])
     g, t = results["gprl"], results["trl"]
-    print(f"policy: world tiny Llama; {args.prompts} prompts x G={args.group}, {args.max_new_tokens} new tokens, "
-          f"{args.steps} steps ({args.warmup} warm-up), {args.threads} torch threads\n")
+    load_after = os.getloadavg()
+    print(f"policy: {args.size} ({n_params(policy) / 1e6:.2f}M parameters); {args.prompts} prompts x G={args.group}, "
+          f"{args.max_new_tokens} new tokens (GPRL mean response {g['response_length']:.1f}), {args.steps} steps "
+          f"({args.warmup} warm-up; {g['probe_steps']} timed GPRL probe steps), {args.threads} torch threads, activation checkpointing {args.gradient_checkpointing} on both sides; "
+          f"load average (1/5/15 min) before {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, "
+          f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}\n")
     print("| | TRL GRPOTrainer | GPRL | GPRL / TRL |\n|---|---|---|---|")
     for key, label in (("steps_per_second", "optimizer steps/s"), ("tokens_per_second", "generated tokens/s")):
         print(f"| {label} | {t[key]:.3f} | {g[key]:.3f} | {g[key] / t[key]:.2f}x |")

@@ -14,25 +14,37 @@ from gprl.config import RunSpec
 from gprl.rollout.base import RolloutBatch
 
 
-def sequence_logprobs(model, batch: RolloutBatch, rows: slice, temperature: float, with_entropy: bool = False):
+def sequence_logprobs(model, batch: RolloutBatch, rows: slice | Tensor, temperature: float, with_entropy: bool = False):
     """Per-token log-probs (and entropies) of the response tokens in rows of the batch. Returns (n, T) tensors.
 
+    Only what the rows need is computed: leading columns that are padding in every row (left-padded prompts) and
+    response columns past every row's end are cut before the forward pass, and the logits are computed for the
+    response positions only (`logits_to_keep`), not the prompt's. Causal attention makes the kept positions' outputs
+    the same as on the full width; the cut response columns come back as zeros (the response mask is 0 there).
+
     log p(y) = logit_y - logsumexp(logits): no (n, T, vocab) log-softmax is kept for the backward pass, and the
-    entropy (a statistic, no gradient) is computed one sequence at a time, so the vocabulary-sized temporaries
-    stay at one row's worth."""
-    ids = batch.sequences[rows]
-    mask = batch.attention_mask[rows]
+    entropy (a statistic, no gradient) is computed in chunks of rows, so the vocabulary-sized temporaries stay
+    small."""
+    ids, mask = batch.sequences[rows], batch.attention_mask[rows]
+    P, T = batch.prompt_width, batch.sequences.shape[1] - batch.prompt_width
+    used = mask.any(dim=0).nonzero()
+    first = int(used[0]) if used.numel() else 0
+    first = min(first, P - 1)  # the last prompt column's logits predict the first response token: always kept
+    width = max(1, int(batch.response_mask[rows].sum(dim=1).max()))
+    ids, mask = ids[:, first : P + width], mask[:, first : P + width]
     positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # left padding: positions as in generation
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-    logits = logits[:, batch.prompt_width - 1 : -1].float() / temperature
-    taken = logits.gather(-1, batch.response_ids[rows].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
+    logits = logits[:, :-1].float() / temperature  # position P-1+t predicts response token t
+    taken = logits.gather(-1, ids[:, P - first :].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    pad = lambda t: torch.nn.functional.pad(t, (0, T - width))  # noqa: E731
     if not with_entropy:
-        return taken, None
+        return pad(taken), None
     with torch.no_grad():
-        entropy = torch.stack([
-            torch.logsumexp(row, dim=-1) - (torch.softmax(row, dim=-1) * row).sum(-1) for row in logits.detach()
+        entropy = torch.cat([
+            torch.logsumexp(chunk, dim=-1) - (torch.softmax(chunk, dim=-1) * chunk).sum(-1)
+            for chunk in logits.detach().split(8)
         ])
-    return taken, entropy
+    return pad(taken), pad(entropy)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -71,28 +83,33 @@ class FrozenPasses:
     def forward_model(self):
         return self.policy
 
-    def _micro_batches(self, batch: RolloutBatch):
+    def _micro_batches(self, batch: RolloutBatch) -> list[Tensor]:
+        """Row indices of each micro-batch: the rows sorted by their length (prompt + response), so that each
+        micro-batch holds rows of similar length and sequence_logprobs cuts the padding the others would bring.
+        The micro-batches' gradients still sum to the batch's (the loss weights each by its share)."""
         n, size = batch.sequences.shape[0], self.spec.algo.micro_batch_size
-        return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+        order = torch.argsort(batch.attention_mask.sum(dim=1).cpu(), stable=True)
+        return [order[i : i + size] for i in range(0, n, size)]
 
     @torch.no_grad()
     def _frozen_logprobs(self, model_or_none, batch: RolloutBatch) -> Tensor:
         temp = self.spec.rollout.temperature
-        out = []
+        out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.sequences.device)
         for rows in self._micro_batches(batch):
+            rows = rows.to(out.device)
             if model_or_none is None:
                 with self.policy.disable_adapter():
-                    out.append(sequence_logprobs(self.forward_model, batch, rows, temp)[0])
+                    out[rows] = sequence_logprobs(self.forward_model, batch, rows, temp)[0]
             else:
-                out.append(sequence_logprobs(model_or_none, batch, rows, temp)[0])
-        return torch.cat(out)
+                out[rows] = sequence_logprobs(model_or_none, batch, rows, temp)[0]
+        return out
 
     def reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
         if self.spec.algo.kl_coef == 0 and self.spec.drift.mode == "off":
             return None  # nothing can turn the KL term on
         return self._frozen_logprobs(self.reference, batch)
 
-    def micro_batch_loss(self, batch: RolloutBatch, rows: slice, advantages: Tensor, mask: Tensor,
+    def micro_batch_loss(self, batch: RolloutBatch, rows: Tensor, advantages: Tensor, mask: Tensor,
                          ref_logp: Tensor | None, old_logp: Tensor | None, control: Control, total_tokens: float,
                          total_sequences: float) -> tuple[Tensor, list[float]]:
         """The clipped-surrogate loss of one micro-batch, weighted by its share of the batch (tokens for token_mean,
@@ -100,6 +117,7 @@ class FrozenPasses:
         micro-batches sum to the batch's. Returns (weighted loss, [loss, policy_loss, kl, clip_fraction] times the
         share + [entropy summed over the micro-batch's tokens / total_tokens])."""
         algo = self.spec.algo
+        rows = rows.to(batch.sequences.device)
         logp, entropy = sequence_logprobs(self.forward_model, batch, rows, self.spec.rollout.temperature,
                                           with_entropy=True)
         device = logp.device
@@ -117,7 +135,7 @@ class FrozenPasses:
             aggregation=algo.loss_aggregation,
         )
         share = (float(m.sum()) / total_tokens if algo.loss_aggregation == "token_mean"
-                 else (rows.stop - rows.start) / total_sequences)
+                 else len(rows) / total_sequences)
         parts = [stats.loss.item() * share, float(stats.policy_loss) * share, float(stats.kl) * share,
                  float(stats.clip_fraction) * share, float((entropy.float() * m).sum()) / total_tokens]
         return stats.loss * share, parts

@@ -189,3 +189,19 @@ def test_gradient_checkpointing_is_applied_and_changes_no_number(assets, tmp_pat
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
     for p, q in zip(plain.policy.parameters(), ckpt.policy.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batch_size_changes_no_number(assets, tmp_path):
+    """Micro-batches are rows of similar length with their common padding cut: one micro-batch of the whole batch
+    (nothing cut, nothing reordered) and micro-batches of 3 give the same update."""
+    from gprl.trainer import Trainer
+
+    quiet = lambda *_: None  # noqa: E731
+    whole = Trainer(spec_for(assets, tmp_path / "whole", **{"algo.steps": 1, "algo.micro_batch_size": 8}), log=quiet)
+    a = whole.train()[0]
+    split = Trainer(spec_for(assets, tmp_path / "split", **{"algo.steps": 1, "algo.micro_batch_size": 3}), log=quiet)
+    b = split.train()[0]
+    for key in ("loss", "policy_loss", "kl", "entropy", "grad_norm", "clip_fraction"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    for p, q in zip(whole.policy.parameters(), split.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
