@@ -116,9 +116,12 @@ def test_trainer_two_ranks_kill_one_then_resume(tiny_assets, warm_deepspeed, tmp
     assert rec["world_size"] == 2 and rec["tokens"] > 0
 
 
-def test_trainer_two_ranks_zero3(tiny_assets, warm_deepspeed, tmp_path):
+@pytest.mark.parametrize("probe_prompts", [16, 1], ids=["probe16", "probe1"])
+def test_trainer_two_ranks_zero3(tiny_assets, warm_deepspeed, tmp_path, probe_prompts):
     """ZeRO-3 through the whole loop: generation with synced_gpus (ranks' sequences end at different steps),
-    evaluation and the drift probe on every rank, and the final HF export gathered from the parameter shards."""
+    evaluation and the drift probe on every rank, and the final HF export gathered from the parameter shards.
+    With one probe prompt its slot comes back on the very next step, so step 2 compares and the monitor gets a
+    win rate (rank 0 computes it, every rank applies it)."""
     import yaml
 
     out = tmp_path / "run"
@@ -126,6 +129,7 @@ def test_trainer_two_ranks_zero3(tiny_assets, warm_deepspeed, tmp_path):
     spec = run_spec(tiny_assets, out, steps=2, stage=3)
     spec["checkpoint"]["every_steps"] = 2
     spec["drift"]["probe_every"] = 1
+    spec["drift"]["probe_prompts"] = probe_prompts
     cfg.write_text(yaml.safe_dump(spec))
     log = tmp_path / "torchrun.log"
     res = torchrun([str(HERE / "_train_rank.py"), str(cfg)], log=log, timeout=600)
@@ -135,6 +139,8 @@ def test_trainer_two_ranks_zero3(tiny_assets, warm_deepspeed, tmp_path):
     # every step is a probe step on both ranks (no collective left waiting); a slot compares only when it comes
     # back (drift.referenceLag steps later), so two steps carry no win rate yet
     assert all(r["axis_win_rate"] is None or len(r["axis_win_rate"]) == 3 for r in recs)
+    if probe_prompts == 1:
+        assert recs[0]["axis_win_rate"] is None and len(recs[1]["axis_win_rate"]) == 3
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(str(out / "checkpoints" / "step-00000002" / "policy"))
