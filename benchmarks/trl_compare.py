@@ -172,7 +172,6 @@ def run_trl(args) -> dict:
     from gprl.sources import provider
 
     c = common(args)
-    quiet = lambda *_: None  # noqa: E731
     policy, gpm_dir = model_dirs(args.size)
     tok = AutoTokenizer.from_pretrained(policy)
     model = AutoModelForCausalLM.from_pretrained(policy)
@@ -198,6 +197,8 @@ def run_trl(args) -> dict:
         save_strategy="no", temperature=1.0, top_k=0, top_p=1.0, gradient_accumulation_steps=1, seed=0,
         disable_dropout=True, shuffle_dataset=False, dataloader_num_workers=0,
         gradient_checkpointing=args.gradient_checkpointing == "on",  # TRL's default is on, GPRL's off: set on both
+        # TRL's default autocasts to bf16 (slow on a CPU without bf16 matmuls); GPRL runs the weights' dtype, fp32 here
+        bf16=args.trl_bf16 == "on",
     )
     marks, prof = [], Profile(args, "trl")
 
@@ -227,6 +228,8 @@ def main():
     ap.add_argument("--size", choices=["world", *SIZES], default="world")
     ap.add_argument("--probe-every", type=int, default=None, help="GPRL's drift.probeEvery (default: the config's)")
     ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off", help="on both sides")
+    ap.add_argument("--trl-bf16", choices=["on", "off"], default="off",
+                    help="TRL's bf16 autocast (its default: on); off runs fp32 as GPRL does")
     ap.add_argument("--profile", default=None, help="a folder for per-side profiles of the timed steps")
     args = ap.parse_args()
     if args.which != "both":
@@ -253,7 +256,7 @@ def main():
     load_after = os.getloadavg()
     print(f"policy: {args.size} ({n_params(policy) / 1e6:.2f}M parameters); {args.prompts} prompts x G={args.group}, "
           f"{args.max_new_tokens} new tokens (GPRL mean response {g['response_length']:.1f}), {args.steps} steps "
-          f"({args.warmup} warm-up; {g['probe_steps']} timed GPRL probe steps), {args.threads} torch threads, activation checkpointing {args.gradient_checkpointing} on both sides; "
+          f"({args.warmup} warm-up; {g['probe_steps']} timed GPRL probe steps), {args.threads} torch threads, activation checkpointing {args.gradient_checkpointing} on both sides, TRL bf16 autocast {args.trl_bf16}; "
           f"load average (1/5/15 min) before {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}\n")
     print("| | TRL GRPOTrainer | GPRL | GPRL / TRL |\n|---|---|---|---|")
