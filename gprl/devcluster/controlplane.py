@@ -334,7 +334,9 @@ class ControlPlane:
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1", f"--secure-port={self.port}",
             f"--cert-dir={self.workdir / 'pki'}",
             f"--tls-cert-file={pki['cert']}", f"--tls-private-key-file={pki['key']}",
-            "--service-cluster-ip-range=10.0.0.0/24",
+            # a /24 holds 254 ClusterIPs: every run's metrics Service takes one, so a /24 stops the 253rd run
+            # (its Service is refused "range is full"); a /16 is what clusters are usually given
+            "--service-cluster-ip-range=10.0.0.0/16",
             "--authorization-mode=RBAC", f"--token-auth-file={tokens}",
             "--disable-admission-plugins=ServiceAccount", "--allow-privileged=true",
             "--endpoint-reconciler-type=none",
