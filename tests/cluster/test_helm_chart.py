@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from gprl_k8s_testlib import CHART, OPERATOR_NS, OPERATOR_SA, ROOT, apply_docs, find_tool, helm_template
+from gprl_k8s_testlib import CHART, CLUSTER_SCOPED, OPERATOR_NS, OPERATOR_SA, ROOT, apply_docs, find_tool, helm_template
 
 pytestmark = pytest.mark.cluster
 
@@ -132,6 +132,39 @@ def test_values_schema_accepts_the_documented_settings(helm):
     assert "/blob/v0.1.0/docs/operations.md#" in url, url
 
 
+def _cluster_scoped(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    # CRDs live in crds/: Helm installs them once and never takes them over, so releases share them by design
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs
+            if d["kind"] in CLUSTER_SCOPED and d["kind"] != "CustomResourceDefinition"}
+
+
+def test_two_releases_in_two_namespaces_do_not_collide(helm):
+    """Release names are unique per namespace only: two teams' releases (same release name, each watching its own
+    namespace) must not render a cluster-scoped object of the same name, or the second `helm install` fails (or,
+    with --take-ownership, takes the first one's admission policies over)."""
+    def release(ns: str, *extra: str) -> dict:
+        return _cluster_scoped(helm_template(helm, "--set", f"watchNamespaces={{{ns}}}", *extra, namespace=f"{ns}-ops"))
+
+    a, b = release("team-a"), release("team-b")
+    # by default only the objects meant to be shared, each with its own switch, carry the same name
+    assert set(a) & set(b) == {("ClusterKopfPeering", "gprl-operator"), ("ClusterRole", "gprl-edit"),
+                               ("ClusterRole", "gprl-view")}
+    b = release("team-b", "--set", "peering.name=gprl-team-b", "--set", "userRoles.create=false")
+    assert not set(a) & set(b), sorted(set(a) & set(b))
+    for ns, docs in (("team-a", a), ("team-b", b)):
+        policies = {n for k, n in docs if k == "ValidatingAdmissionPolicy"}
+        assert policies == {f"gprl-operator-{ns}-ops-runs", f"gprl-operator-{ns}-ops-trainer-status"}
+        for (kind, name), d in docs.items():
+            if kind == "ValidatingAdmissionPolicyBinding":
+                assert d["spec"]["policyName"] in policies
+                # each release's policies bind in the namespaces it serves only
+                assert d["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"] == [ns]
+    # cluster-wide mode: the policies bind everywhere
+    default = _cluster_scoped(helm_template(helm))
+    bindings = [d for (k, _), d in default.items() if k == "ValidatingAdmissionPolicyBinding"]
+    assert len(bindings) == 2 and not any("matchResources" in d["spec"] for d in bindings)
+
+
 def test_update_strategy_keeps_one_operator(helm):
     (dep,) = [d for d in helm_template(helm) if d["kind"] == "Deployment"]
     assert dep["spec"]["replicas"] == 1
@@ -155,9 +188,9 @@ def test_notes_point_at_the_installed_version(control_plane, helm):
     import os
 
     env = {**os.environ, "KUBECONFIG": control_plane.kubeconfig}  # helm asks the server for its version
-    # --take-ownership: the cluster-wide trainer-status policy already exists (applied by the other tests)
-    out = _helm(helm, "install", "gprl-notes", str(CHART), "-n", OPERATOR_NS, "--dry-run=client", "--take-ownership",
-                "--set", "peering.name=gprl-notes-test", env=env).stdout
+    # a second release: its own peering, no second copy of the user roles (the tests' release has them)
+    out = _helm(helm, "install", "gprl-notes", str(CHART), "-n", OPERATOR_NS, "--dry-run=client",
+                "--set", "peering.name=gprl-notes-test", "--set", "userRoles.create=false", env=env).stdout
     notes = out.split("NOTES:", 1)[1]
     assert "https://github.com/gprl/gprl/blob/v0.1.0/docs/quickstart-kubernetes.md" in notes
     assert "blob/v0.1.0/examples/gprlrun.yaml" in notes and "helm test gprl-notes" in notes
@@ -175,8 +208,10 @@ def test_install_upgrade_keeps_scale_and_the_documented_crd_step_upgrades_it(con
     env = {**os.environ, "KUBECONFIG": cp.kubeconfig}
     kubectl = find_tool(cp, "kubectl")
     release = "gprl-up"
+    # a second release beside the tests' one: its cluster-scoped objects have names of their own (no
+    # --take-ownership: a collision fails the install), given its own peering and no second copy of the user roles
     common = [str(CHART), "-n", namespace, "--set", "peering.name=gprl-up-test", "--set", "dashboards.enabled=false",
-              "--take-ownership"]  # the cluster-wide trainer-status policy exists already (the other tests')
+              "--set", "userRoles.create=false"]
     _helm(helm, "install", release, *common, env=env)
     dep = f"/apis/apps/v1/namespaces/{namespace}/deployments/{release}-operator"
     assert cp.request("GET", dep)["spec"]["replicas"] == 1
@@ -204,5 +239,3 @@ def test_install_upgrade_keeps_scale_and_the_documented_crd_step_upgrades_it(con
     assert cols() == len(yaml.safe_load((CHART / "crds" / "gprlrun.yaml").read_text())
                          ["spec"]["versions"][0]["additionalPrinterColumns"])
     _helm(helm, "uninstall", release, "-n", namespace, env=env)
-    # put back the cluster-wide objects the release took over, for the tests after this one
-    apply_docs(cp, [d for d in helm_template(helm) if d["kind"].startswith("ValidatingAdmissionPolicy")])

@@ -12,6 +12,13 @@
 {{- end -}}
 {{- end -}}
 
+{{/* Prefix of this release's cluster-scoped objects (admission policies, the small ClusterRole): Helm release
+names are unique per namespace only, so two releases (e.g. one per team namespace, with watchNamespaces) get
+distinct names only with the namespace in them. */}}
+{{- define "gprl.clusterName" -}}
+{{- printf "%s-%s" (include "gprl.fullname" .) .Release.Namespace | trunc 230 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "gprl.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "gprl.selectorLabels" . }}
