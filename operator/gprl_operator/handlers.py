@@ -74,18 +74,34 @@ CHILD_RESOURCES = (
     ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy"),
 )
 
-_last_written: dict[tuple[str, str], Any] = {}  # (ns, run) -> status fingerprint this process last applied
-_last_status: dict[tuple[str, str], tuple[int, dict]] = {}  # (ns, run) -> (resourceVersion, status) last applied
-_problems: dict[tuple[str, str], tuple[str, str]] = {}  # (ns, run) -> (reason, message) of the failing reconcile
-_notes: dict[tuple[str, str], tuple[str, str]] = {}  # (ns, run) -> (reason, message) of the last repair
-_events: dict[tuple[str, str], dict[str, int]] = {}  # (ns, run) -> Event name -> count posted
-_desired: dict[tuple[str, str], tuple[Any, list]] = {}  # (ns, run) -> ((uid, generation), children)
-_progress: dict[tuple[str, str], tuple[int, dict]] = {}  # (ns, run) -> (generation, children applied so far)
-_gone: set[str] = set()
-_status_lock = threading.Lock()  # UIDs of deleted runs (their timers are stopped; see _without_finalizers)
-_observed: dict[tuple[str, str], int] = {}  # (ns, run) -> generation this process last reconciled
-_failures: dict[tuple[str, str], dict] = {}  # (ns, run) -> newest failed pod
-_phases: dict[tuple[str, str], str] = {}
+
+@dataclasses.dataclass(eq=False)
+class RunState:
+    """What this process remembers of one run between handler calls. It lives in kopf's per-object memo of the run
+    (and is reachable from the children's handlers through the `gprl_runs` index), so it is created with the run's
+    first event and dropped with the run: no global table to clean up, a recreated run (new UID) starts afresh."""
+
+    observed: Optional[int] = None  # the generation this process last reconciled
+    problem: Optional[tuple[str, str]] = None  # (reason, message) of the failing reconcile
+    note: Optional[tuple[str, str]] = None  # (reason, message) of the last repair
+    failure: Optional[dict] = None  # the newest failed pod
+    events: dict[str, int] = dataclasses.field(default_factory=dict)  # Event name -> count posted
+    desired: Optional[tuple[Any, list]] = None  # ((uid, generation, suspend, kueue labels), children)
+    progress: Optional[tuple[int, dict]] = None  # (generation, children applied so far) of a failing reconcile
+    written: Any = None  # fingerprint of the status this process last applied
+    status: tuple[int, Optional[dict]] = (0, None)  # (resourceVersion, status) of the newest such write
+    phase: Optional[str] = None  # counted in gprl_operator_runs
+    gone: bool = False  # deleted: its drift-loop timer stops (see _without_finalizers)
+    # two handler threads may write one run's status at once (its reconcile, a child's repair)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+
+def run_state(memo: Any) -> RunState:
+    """The run's RunState from kopf's memo of the run (created on first use)."""
+    state = memo.get("gprl")
+    if state is None:
+        state = memo["gprl"] = RunState()
+    return state
 
 
 def kube() -> Kube:
@@ -105,27 +121,30 @@ def _fingerprint(status: dict) -> Any:
     return conds, rest
 
 
-def _update_phase_gauge() -> None:
-    counts: dict[str, int] = {}
-    for p in list(_phases.values()):
-        counts[p] = counts.get(p, 0) + 1
-    for phase in ("Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"):
-        metrics.RUNS.labels(phase).set(counts.get(phase, 0))
+def _count_phase(state: RunState, phase: Optional[str]) -> None:
+    """Move the run from its counted phase to `phase` in gprl_operator_runs (None: the run is gone)."""
+    if state.phase == phase:
+        return
+    if state.phase is not None:
+        metrics.RUNS.labels(state.phase).dec()
+    if phase is not None:
+        metrics.RUNS.labels(phase).inc()
+    state.phase = phase
 
 
-def write_status(run: dict, job: Optional[dict], *, trigger: str, generation: Optional[int] = None) -> Optional[dict]:
+def write_status(run: dict, job: Optional[dict], state: RunState, *, trigger: str,
+                 generation: Optional[int] = None) -> Optional[dict]:
     """Apply the operator's part of the run's status (skipped when nothing changed since our last write).
 
-    A failing reconcile's reason (`_problems`) stays on Ready until a reconcile succeeds, whichever event writes."""
+    A failing reconcile's reason (`state.problem`) stays on Ready until a reconcile succeeds, whichever event writes."""
     ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
-    key = (ns, name)
     if generation is None:
-        generation = _observed.get(key)
-    reason, error = _problems.get(key, ("", None))
-    status = run_status(run, job, now=_now(), pod_failure=_failures.get(key), generation=generation, error=error,
-                        reason=reason or "ReconcileError", note=_notes.get(key))
+        generation = state.observed
+    reason, error = state.problem or ("", None)
+    status = run_status(run, job, now=_now(), pod_failure=state.failure, generation=generation, error=error,
+                        reason=reason or "ReconcileError", note=state.note)
     fp = _fingerprint(status)
-    if _last_written.get(key) == fp:
+    if state.written == fp:
         return None
     body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": ns}, "status": status}
     try:
@@ -135,10 +154,11 @@ def write_status(run: dict, job: Optional[dict], *, trigger: str, generation: Op
             return None
         raise
     metrics.STATUS_WRITES.labels(trigger).inc()
-    _last_written[key] = fp
-    _remember_status(key, out, status)
-    _phases[key] = status["phase"]
-    _update_phase_gauge()
+    with state.lock:
+        state.written = fp
+        _remember_status(state, out, status)
+        if not state.gone:
+            _count_phase(state, status["phase"])
     return out
 
 
@@ -175,7 +195,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any, **_: Any) -> dict:
+def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any, memo: Any, **_: Any) -> dict:
+    """The runs, as the children's handlers need them, each with its RunState (kopf's memo of the run)."""
     return {
         (namespace, name): {
             "metadata": {
@@ -189,6 +210,7 @@ def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any, **_:
             },
             "spec": dict(spec or {}),
             "status": dict(status or {}),
+            "state": run_state(memo),
         }
     }
 
@@ -215,6 +237,14 @@ def gprl_jobs(namespace: str, name: str, labels: Any, body: Any, **_: Any) -> di
                                "status": dict(body.get("status") or {})}}
 
 
+def _run_of(index: Any, key: tuple) -> tuple[Optional[dict], Optional[RunState]]:
+    """The run of the gprl_runs index (as a GPRLRun dict) and its RunState."""
+    view = _one(index, key)
+    if view is None:
+        return None, None
+    return {"apiVersion": API_VERSION, "kind": KIND, **{k: v for k, v in view.items() if k != "state"}}, view["state"]
+
+
 def _one(index: Any, key: tuple) -> Optional[dict]:
     for item in index.get(key, []):
         return item
@@ -232,13 +262,13 @@ def _rv(obj: Optional[dict]) -> int:
         return 0
 
 
-def notify(run: dict, etype: str, reason: str, message: str) -> None:
+def notify(run: dict, state: RunState, etype: str, reason: str, message: str) -> None:
     """Post an Event on the run; the same one again counts up instead of adding an object."""
     meta = run["metadata"]
     key = (meta["namespace"], meta["name"])
     message = bounded(message, 1024)
     name = event_name(meta["name"], meta.get("uid") or "", reason, message)
-    seen = _events.setdefault(key, {})
+    seen = state.events
     seen[name] = seen.get(name, 0) + 1
     involved = {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta}
     try:
@@ -248,17 +278,15 @@ def notify(run: dict, etype: str, reason: str, message: str) -> None:
     (log.warning if etype == "Warning" else log.info)("%s/%s: %s: %s", key[0], key[1], reason, message)
 
 
-def desired_children(run: dict, live_job: Optional[dict] = None) -> list[dict]:
+def desired_children(run: dict, state: RunState, live_job: Optional[dict] = None) -> list[dict]:
     """build_children, cached per (uid, generation, the live Job's suspend): child events are frequent, spec
     changes are not."""
     meta = run["metadata"]
-    key = (meta["namespace"], meta["name"])
     version = (meta.get("uid"), meta.get("generation"), ((live_job or {}).get("spec") or {}).get("suspend"),
                tuple(sorted((k, v) for k, v in (meta.get("labels") or {}).items() if k.startswith(KUEUE_PREFIX))))
-    cached = _desired.get(key)
+    cached = state.desired
     if cached is None or cached[0] != version:
-        cached = (version, build_children(run, live_job=live_job))
-        _desired[key] = cached
+        cached = state.desired = (version, build_children(run, live_job=live_job))
     return cached[1]
 
 
@@ -320,10 +348,10 @@ class ClaimRefused(RuntimeError):
         self.reason, self.permanent = reason, permanent
 
 
-def _job_changes_pods(job: dict, indexes: dict, run_uid: str, generation: int, key: tuple) -> None:
+def _job_changes_pods(job: dict, indexes: dict, run_uid: str, generation: int, state: RunState) -> None:
     """A spec change that needs a new Job template is refused by the API server (the template is immutable):
     find out with a dry run before anything else is touched, so a change is applied completely or not at all."""
-    if _observed.get(key) in (None, generation) or _indexed_owner(job, indexes) != run_uid:
+    if state.observed in (None, generation) or _indexed_owner(job, indexes) != run_uid:
         return
     kube().apply(job, dry_run=True)
 
@@ -336,32 +364,31 @@ def _job_changes_pods(job: dict, indexes: dict, run_uid: str, generation: int, k
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL)
 @metrics.timed("reconcile")
-def reconcile(body: Any, meta: Any, namespace: str, name: str, retry: int, **kwargs: Any) -> None:
+def reconcile(body: Any, meta: Any, namespace: str, name: str, retry: int, memo: Any, gprl_jobs: kopf.Index,
+              **indexes: Any) -> None:
     if meta.get("deletionTimestamp"):
         return
     run = {"apiVersion": API_VERSION, "kind": KIND, "metadata": dict(meta), "spec": dict(body.get("spec") or {}),
            "status": dict(body.get("status") or {})}
-    key = (namespace, name)
+    state = run_state(memo)
     generation = int(meta.get("generation") or 0)
     uid = meta["uid"]
+    # the live Job: on a Kueue run its spec.suspend is Kueue's (admission), never overwritten
+    live_job = _one(gprl_jobs, (namespace, name))
 
     def fail(reason: str, message: str, *, permanent: bool, delay: float = 0.0) -> None:
         message = bounded(message)
-        first = _problems.get(key) != (reason, message)
-        _problems[key] = (reason, message)
-        _notes.pop(key, None)
-        jobs = kwargs.get("gprl_jobs")
-        write_status(run, _one(jobs, key) if jobs is not None else None, trigger="error", generation=generation)
+        first = state.problem != (reason, message)
+        state.problem, state.note = (reason, message), None
+        write_status(run, live_job, state, trigger="error", generation=generation)
         if first or not permanent:
-            notify(run, "Warning", reason, message)
+            notify(run, state, "Warning", reason, message)
         if permanent:
             raise kopf.PermanentError(f"{reason}: {message}")
         raise kopf.TemporaryError(f"{reason}: {message}", delay=delay)
 
     try:
-        # the live Job: on a Kueue run its spec.suspend is Kueue's (admission), never overwritten
-        jobs = kwargs.get("gprl_jobs")
-        children = desired_children(run, _one(jobs, key) if jobs is not None else None)
+        children = desired_children(run, state, live_job)
     except InvalidRun as exc:
         fail("InvalidSpec", str(exc), permanent=True)
     job = None
@@ -373,17 +400,17 @@ def reconcile(body: Any, meta: Any, namespace: str, name: str, retry: int, **kwa
     try:
         child = {"kind": "Secret", "metadata": {"name": f"{name}-server-token"}}  # names it in the error below
         ensure_token_secret(run)
-        _job_changes_pods(children[-1], kwargs, uid, generation, key)
+        _job_changes_pods(children[-1], indexes, uid, generation, state)
         # a retry of the same generation skips what it already applied: under API pressure (429, timeouts) a
         # retry that re-applies everything multiplies the very load that made it fail
-        done = _progress.get(key)
-        if done is None or done[0] != generation:
-            done = _progress[key] = (generation, {})
+        if state.progress is None or state.progress[0] != generation:
+            state.progress = (generation, {})
+        done = state.progress[1]
         for child in children:
             ckey = (child["kind"], child["metadata"]["name"])
-            applied = done[1].get(ckey) or ensure(child, uid, kwargs)
-            done[1][ckey] = {"metadata": applied["metadata"], "spec": applied.get("spec"),
-                             "status": applied.get("status")} if child["kind"] == "Job" else {"ok": True}
+            applied = done.get(ckey) or ensure(child, uid, indexes)
+            done[ckey] = {"metadata": applied["metadata"], "spec": applied.get("spec"),
+                          "status": applied.get("status")} if child["kind"] == "Job" else {"ok": True}
             if child["kind"] == "Job":
                 job = applied
     except NameConflict as exc:
@@ -398,14 +425,14 @@ def reconcile(body: Any, meta: Any, namespace: str, name: str, retry: int, **kwa
         if classify(exc.status) == "permanent":
             fail("ApplyRejected", msg, permanent=True)
         fail("ApplyFailed", msg, permanent=False, delay=backoff(retry))
-    _progress.pop(key, None)
-    resolved = _problems.pop(key, None)
+    state.progress = None
+    resolved, state.problem = state.problem, None
     if resolved:
-        notify(run, "Normal", "Reconciled", f"generation {generation} applied after {resolved[0]}")
-    _observed[key] = generation
-    write_status(run, job, trigger="reconcile", generation=generation)
+        notify(run, state, "Normal", "Reconciled", f"generation {generation} applied after {resolved[0]}")
+    state.observed = generation
+    write_status(run, job, state, trigger="reconcile", generation=generation)
     log.info("reconciled %s/%s generation %d: %d children applied, phase %s", namespace, name, generation,
-             len(children), _phases.get(key, "?"))
+             len(children), state.phase or "?")
 
 
 def ensure_token_secret(run: dict) -> None:
@@ -431,39 +458,34 @@ def ensure_token_secret(run: dict) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def run_event(event: dict, body: Any, namespace: str, name: str, gprl_jobs: kopf.Index, **_: Any) -> None:
-    key = (namespace, name)
+def run_event(event: dict, body: Any, namespace: str, name: str, memo: Any, **_: Any) -> None:
+    state = run_state(memo)
     if event.get("type") == "DELETED":
-        _gone.add(body.get("metadata", {}).get("uid"))
-        for d in (_last_written, _last_status, _observed, _failures, _phases, _problems, _notes, _events, _desired,
-                  _progress):
-            d.pop(key, None)
-        _update_phase_gauge()
+        with state.lock:
+            state.gone = True  # kopf drops the memo with the run; its timer and counted phase go now
+            _count_phase(state, None)
         return
-    reassert_status(key, body, gprl_jobs)
+    reassert_status(namespace, name, body, state)
 
 
-def _remember_status(key: tuple, out: Optional[dict], status: dict) -> None:
-    """The newest of this process's status writes (two handler threads may write one run at the same time)."""
+def _remember_status(state: RunState, out: Optional[dict], status: dict) -> None:
+    """The newest of this process's status writes (two handler threads may write one run at once; hold the lock)."""
     rv = _rv(out)
-    with _status_lock:
-        if rv >= _last_status.get(key, (0, None))[0]:
-            _last_status[key] = (rv, status)
+    if rv >= state.status[0]:
+        state.status = (rv, status)
 
 
-def reassert_status(key: tuple, body: Any, gprl_jobs: Any) -> None:
+def reassert_status(ns: str, name: str, body: Any, state: RunState) -> None:
     """The phase, the operator's conditions and counts are the operator's: anyone else's change is undone."""
-    last = _last_status.get(key)
-    if last is None or _rv(body) <= last[0]:  # nothing written yet, or an event from before our last write
+    rv, written = state.status
+    if written is None or _rv(body) <= rv:  # nothing written yet, or an event from before our last write
         return
-    written = last[1]
     current = dict(body.get("status") or {})
     by_type = {c.get("type"): c for c in current.get("conditions") or [] if isinstance(c, dict)}
     view = {k: current.get(k) for k in written}
     view["conditions"] = [by_type.get(c["type"]) for c in written.get("conditions", [])]
     if not drifted(written, view):
         return
-    ns, name = key
     body_out = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": ns},
                 "status": written}
     try:
@@ -472,7 +494,8 @@ def reassert_status(key: tuple, body: Any, gprl_jobs: Any) -> None:
         if exc.status != 404:
             log.warning("%s/%s: could not re-assert the status: %s", ns, name, exc)
         return
-    _remember_status(key, out, written)
+    with state.lock:
+        _remember_status(state, out, written)
     metrics.STATUS_WRITES.labels("reassert").inc()
     log.info("%s/%s: status fields of the operator were changed by someone else; restored", ns, name)
 
@@ -484,19 +507,18 @@ def reassert_status(key: tuple, body: Any, gprl_jobs: Any) -> None:
 def child_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: kopf.Index, gprl_jobs: kopf.Index,
                 **_: Any) -> None:
     run_name = labels.get("gprl.dev/run")
-    run = _one(gprl_runs, (namespace, run_name)) if run_name else None
-    if run is None:
+    run, state = _run_of(gprl_runs, (namespace, run_name)) if run_name else (None, None)
+    if run is None or state is None:
         return
     key = (namespace, run_name)
     meta = run["metadata"]
     if controller_uid(dict(body.get("metadata") or {})) != meta["uid"] or meta.get("deletionTimestamp"):
         return  # an older run's child on its way out, or the run is being deleted
-    if _observed.get(key) != meta.get("generation") or key in _problems:
+    if state.observed != meta.get("generation") or state.problem is not None:
         return  # the reconcile of this generation is still to come or failing: it applies (or reports) everything
     kind, name = body.get("kind"), body["metadata"]["name"]
-    run = {"apiVersion": API_VERSION, "kind": KIND, **run}
     try:
-        want = next((c for c in desired_children(run, _one(gprl_jobs, key))
+        want = next((c for c in desired_children(run, state, _one(gprl_jobs, key))
                      if c["kind"] == kind and c["metadata"]["name"] == name), None)
     except InvalidRun:
         return
@@ -520,13 +542,13 @@ def child_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: 
             kube().apply(want)
             what = "changed by hand"
     except ApiError as exc:
-        notify(run, "Warning", "RepairFailed", f"{kind} {name}: HTTP {exc.status}: {exc}")
+        notify(run, state, "Warning", "RepairFailed", f"{kind} {name}: HTTP {exc.status}: {exc}")
         return
     message = f"{kind} {name} was {what}; restored at {_now()}"
-    _notes[key] = ("ChildRestored", message)
-    notify(run, "Normal", "ChildRestored", message)
-    _last_written.pop(key, None)  # the note is new: write it even if nothing else changed
-    write_status(run, _one(gprl_jobs, key), trigger="repair")
+    state.note = ("ChildRestored", message)
+    notify(run, state, "Normal", "ChildRestored", message)
+    state.written = None  # the note is new: write it even if nothing else changed
+    write_status(run, _one(gprl_jobs, key), state, trigger="repair")
 
 
 for _group, _version, _plural, _kind in CHILD_RESOURCES:
@@ -540,14 +562,14 @@ def job_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: ko
     run_name = labels.get("gprl.dev/run")
     if not run_name or event.get("type") == "DELETED":
         return
-    run = _one(gprl_runs, (namespace, run_name))
-    if run is None:
+    run, state = _run_of(gprl_runs, (namespace, run_name))
+    if run is None or state is None:
         return
     owners = {o.get("uid") for o in body.get("metadata", {}).get("ownerReferences") or []}
     if run["metadata"]["uid"] not in owners:
         return  # a Job of an older run of the same name, on its way out
     job = {"metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
-    write_status(run, job, trigger="job")
+    write_status(run, job, state, trigger="job")
 
 
 @kopf.on.event("", "v1", "pods", labels={**MANAGED, "gprl.dev/run": kopf.PRESENT})
@@ -560,18 +582,16 @@ def pod_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: ko
     if failure is None:
         return
     key = (namespace, labels["gprl.dev/run"])
-    if _failures.get(key, {}).get("pod") == failure["pod"]:
+    run, state = _run_of(gprl_runs, key)
+    if run is None or state is None or (state.failure or {}).get("pod") == failure["pod"]:
         return
-    _failures[key] = failure
-    run = _one(gprl_runs, key)
-    if run is None:
-        return
-    write_status(run, _one(gprl_jobs, key), trigger="pod")
+    state.failure = failure
+    write_status(run, _one(gprl_jobs, key), state, trigger="pod")
 
 
 @kopf.on.probe(id="runs")
-def probe_runs(**_: Any) -> int:
-    return len(_phases)
+def probe_runs(gprl_runs: kopf.Index, **_: Any) -> int:
+    return len(gprl_runs)
 
 
 def default_priority() -> int:
@@ -590,12 +610,13 @@ def _without_finalizers() -> None:
     """kopf puts a finalizer on every object a timer runs for, so that it can stop the timer before the object
     goes; with the operator down (after `helm uninstall`) `kubectl delete` then hangs. Nothing of ours needs to
     run at deletion (the children are garbage-collected), so the timers go without one: run_event, which kopf
-    calls before it re-matches the timers, marks the UID gone, and the filter below stops the timer."""
+    calls before it re-matches the timers, marks the run's state gone, and the filter below stops the timer."""
     registry = kopf.get_default_registry()
     spawning = registry._spawning._handlers  # noqa: SLF001 - kopf offers no public switch for timers
     for i, handler in enumerate(spawning):
-        def when(*, meta: Any, _orig: Any = handler.when, **kw: Any) -> bool:
-            return meta.get("uid") not in _gone and (_orig is None or _orig(meta=meta, **kw))
+        def when(*, memo: Any, _orig: Any = handler.when, **kw: Any) -> bool:
+            gone = memo is not None and run_state(memo).gone
+            return not gone and (_orig is None or _orig(memo=memo, **kw))
 
         spawning[i] = dataclasses.replace(handler, requires_finalizer=False, when=when)
 

@@ -106,19 +106,19 @@ def test_the_drift_loop_timer_puts_no_finalizer_on_runs():
     timers = list(kopf.get_default_registry()._spawning._handlers)
     assert timers, "the drift loop registers a timer"
     assert all(t.requires_finalizer is False for t in timers)
-    # a deleted run's UID stops its timer (kopf re-matches the filter on the DELETED event)
+    # a deleted run's state (in kopf's memo of the run) stops its timer (kopf re-matches the filter on DELETED)
     spec = {"drift": {"mode": "operator"}}
     meta = {"uid": "gone-1", "name": "r", "namespace": "n"}
     when = timers[0].when
-    assert when(meta=meta, spec=spec, body={"spec": spec, "metadata": meta}, status={}, name="r", namespace="n",
-                labels={}, annotations={}, logger=None, patch={}, memo=None, resource=None, uid="gone-1")
-    handlers._gone.add("gone-1")
-    try:
-        assert not when(meta=meta, spec=spec, body={"spec": spec, "metadata": meta}, status={}, name="r",
-                        namespace="n", labels={}, annotations={}, logger=None, patch={}, memo=None, resource=None,
-                        uid="gone-1")
-    finally:
-        handlers._gone.discard("gone-1")
+
+    def matches(memo: dict) -> bool:
+        return when(meta=meta, spec=spec, body={"spec": spec, "metadata": meta}, status={}, name="r", namespace="n",
+                    labels={}, annotations={}, logger=None, patch={}, memo=memo, resource=None, uid="gone-1")
+
+    memo: dict = {}
+    assert matches(memo)
+    handlers.run_state(memo).gone = True
+    assert not matches(memo)
 
 
 def test_a_selector_must_match_exactly():
