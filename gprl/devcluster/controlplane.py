@@ -436,6 +436,14 @@ class ControlPlane:
         except ValueError:
             return status, raw.decode(errors="replace")
 
+    def watch(self, path: str, timeout: float = 300, token: str | None = None):
+        """The events of a watch (``path`` with ``watch=1``), decoded, as the admin unless ``token`` is given; ends
+        when the server closes the stream (its ``timeoutSeconds``) or after ``timeout`` seconds of silence."""
+        with self._open("GET", path, token=token or self.admin_token, timeout=timeout) as r:
+            for line in r:
+                if line.strip():
+                    yield json.loads(line)
+
     def request(self, method: str, path: str, body: Any = None, token: str | None = None,
                 content_type: str = "application/json") -> Any:
         """As the admin unless ``token`` is given; raises ApiError on HTTP >= 400."""

@@ -437,24 +437,26 @@ def reconcile(body: Any, meta: Any, namespace: str, name: str, retry: int, memo:
 
 def ensure_token_secret(run: dict) -> None:
     """The run's server token: created once with a random value, never overwritten (running servers and the
-    learner hold it). A create that races another replica's finds it there (409), which is as good."""
+    learner hold it). Created first and looked at only if it exists (409): one request for a new run. A create
+    that races another replica's finds it there, which is as good when that replica works for the same run."""
     import secrets
 
     from gprl_operator.children import token_secret
 
     secret = token_secret(run, secrets.token_hex(32))
     meta = secret["metadata"]
-    existing = kube().get("v1", "Secret", meta["namespace"], meta["name"])
-    if existing is not None:
-        # someone else's Secret of that name would hand its value to the run's pods (and the run's to it)
-        if controller_uid(existing) != run["metadata"]["uid"]:
-            raise NameConflict("Secret", meta["name"], controller_name(existing))
-        return
     try:
         kube().request("POST", path_of("v1", "Secret", meta["namespace"]), secret)
+        return
     except ApiError as exc:
         if exc.status != 409:
             raise
+    existing = kube().get("v1", "Secret", meta["namespace"], meta["name"])
+    if existing is None:  # deleted in between: create it next time round
+        raise ApiError(409, {"message": f"Secret {meta['name']} vanished while being checked"}, "GET", meta["name"])
+    # someone else's Secret of that name would hand its value to the run's pods (and the run's to it)
+    if controller_uid(existing) != run["metadata"]["uid"]:
+        raise NameConflict("Secret", meta["name"], controller_name(existing))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
