@@ -498,7 +498,7 @@ def tick(run: dict, kube: Any, memo: Any = None) -> Decision:
 
 
 @kopf.index(GROUP, VERSION, PLURAL, when=_operator_mode)
-def drift_runs(namespace: str, name: str, **_: Any) -> dict:
+async def drift_runs(namespace: str, name: str, **_: Any) -> dict:
     """The runs whose drift monitor this operator runs (for the gauge; kopf keeps it current)."""
     return {(namespace, name): True}
 
@@ -524,8 +524,8 @@ def drift_timer(body: Any, meta: Any, namespace: str, name: str, memo: Any, drif
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="drift-loop-forget")
-def drift_forget(event: dict, namespace: str, name: str, spec: Any, memo: Any, drift_runs: kopf.Index,
-                 **_: Any) -> None:
+async def drift_forget(event: dict, namespace: str, name: str, spec: Any, memo: Any, drift_runs: kopf.Index,
+                       **_: Any) -> None:
     if (event.get("type") == "DELETED" or not _operator_mode(spec)) and memo.pop("drift_state", None) is not None:
         memo.pop("latency_seen", None)
         forget(namespace, name)

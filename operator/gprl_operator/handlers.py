@@ -18,6 +18,7 @@ in `gprl_operator.children` (what the run needs) and `gprl_operator.ownership` (
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as _dt
 import logging
@@ -132,21 +133,28 @@ def _count_phase(state: RunState, phase: Optional[str]) -> None:
     state.phase = phase
 
 
-def write_status(run: dict, job: Optional[dict], state: RunState, *, trigger: str,
-                 generation: Optional[int] = None) -> Optional[dict]:
-    """Apply the operator's part of the run's status (skipped when nothing changed since our last write).
+def status_change(run: dict, job: Optional[dict], state: RunState,
+                  generation: Optional[int] = None) -> Optional[tuple[dict, Any]]:
+    """The operator's part of the run's status and its fingerprint, or None when this process wrote exactly that
+    last. No I/O: the event handlers call it in kopf's event loop and go to a thread only to write.
 
     A failing reconcile's reason (`state.problem`) stays on Ready until a reconcile succeeds, whichever event writes."""
-    ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
     if generation is None:
         generation = state.observed
     reason, error = state.problem or ("", None)
     status = run_status(run, job, now=_now(), pod_failure=state.failure, generation=generation, error=error,
                         reason=reason or "ReconcileError", note=state.note)
     fp = _fingerprint(status)
-    if state.written == fp:
+    return None if state.written == fp else (status, fp)
+
+
+def apply_status(run: dict, state: RunState, change: Optional[tuple[dict, Any]], *, trigger: str) -> Optional[dict]:
+    """Server-side apply of a `status_change` (nothing to do for None)."""
+    if change is None:
         return None
-    body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": ns}, "status": status}
+    status, fp = change
+    body = {"apiVersion": API_VERSION, "kind": KIND,
+            "metadata": {"name": run["metadata"]["name"], "namespace": run["metadata"]["namespace"]}, "status": status}
     try:
         out = kube().apply(body, subresource="status")
     except ApiError as exc:
@@ -160,6 +168,17 @@ def write_status(run: dict, job: Optional[dict], state: RunState, *, trigger: st
         if not state.gone:
             _count_phase(state, status["phase"])
     return out
+
+
+def write_status(run: dict, job: Optional[dict], state: RunState, *, trigger: str,
+                 generation: Optional[int] = None) -> Optional[dict]:
+    """Apply the operator's part of the run's status (skipped when nothing changed since our last write)."""
+    return apply_status(run, state, status_change(run, job, state, generation), trigger=trigger)
+
+
+async def in_thread(fn: Any, *args: Any) -> Any:
+    """Run blocking work (API calls with the sync client) off kopf's event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 # --------------------------------------------------------------------------------------
@@ -191,11 +210,13 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# indexes (in-memory views kept up to date by kopf's watches; no extra API calls)
+# indexes (in-memory views kept up to date by kopf's watches; no extra API calls). They are `async` on purpose: kopf
+# runs a sync handler in its thread pool, and these small dict builds (called for every watch event of every
+# child) cost less than the hop there and back.
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any, memo: Any, **_: Any) -> dict:
+async def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any, memo: Any, **_: Any) -> dict:
     """The runs, as the children's handlers need them, each with its RunState (kopf's memo of the run)."""
     return {
         (namespace, name): {
@@ -216,7 +237,7 @@ def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any, memo
 
 
 def _child_index(kind: str):
-    def index(namespace: str, name: str, meta: Any, **_: Any) -> dict:
+    async def index(namespace: str, name: str, meta: Any, **_: Any) -> dict:
         uid = controller_uid(meta)
         return {(namespace, name): uid} if uid else {}
 
@@ -229,7 +250,7 @@ for _group, _version, _plural, _kind in CHILD_RESOURCES:
 
 
 @kopf.index("batch", "v1", "jobs", labels=MANAGED)
-def gprl_jobs(namespace: str, name: str, labels: Any, body: Any, **_: Any) -> dict:
+async def gprl_jobs(namespace: str, name: str, labels: Any, body: Any, **_: Any) -> dict:
     run = labels.get("gprl.dev/run")
     if not run:
         return {}
@@ -460,14 +481,17 @@ def ensure_token_secret(run: dict) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def run_event(event: dict, body: Any, namespace: str, name: str, memo: Any, **_: Any) -> None:
+async def run_event(event: dict, body: Any, namespace: str, name: str, memo: Any, **_: Any) -> None:
+    """Every event of a run (async: almost all of them need no more than a look)."""
     state = run_state(memo)
     if event.get("type") == "DELETED":
         with state.lock:
             state.gone = True  # kopf drops the memo with the run; its timer and counted phase go now
             _count_phase(state, None)
         return
-    reassert_status(namespace, name, body, state)
+    written = status_to_reassert(body, state)
+    if written is not None:
+        await in_thread(reassert_status, namespace, name, written, state)
 
 
 def _remember_status(state: RunState, out: Optional[dict], status: dict) -> None:
@@ -477,17 +501,20 @@ def _remember_status(state: RunState, out: Optional[dict], status: dict) -> None
         state.status = (rv, status)
 
 
-def reassert_status(ns: str, name: str, body: Any, state: RunState) -> None:
-    """The phase, the operator's conditions and counts are the operator's: anyone else's change is undone."""
+def status_to_reassert(body: Any, state: RunState) -> Optional[dict]:
+    """The operator's last status when someone else has changed its fields since (None: nothing to undo)."""
     rv, written = state.status
     if written is None or _rv(body) <= rv:  # nothing written yet, or an event from before our last write
-        return
+        return None
     current = dict(body.get("status") or {})
     by_type = {c.get("type"): c for c in current.get("conditions") or [] if isinstance(c, dict)}
     view = {k: current.get(k) for k in written}
     view["conditions"] = [by_type.get(c["type"]) for c in written.get("conditions", [])]
-    if not drifted(written, view):
-        return
+    return written if drifted(written, view) else None
+
+
+def reassert_status(ns: str, name: str, written: dict, state: RunState) -> None:
+    """The phase, the operator's conditions and counts are the operator's: anyone else's change is undone."""
     body_out = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": ns},
                 "status": written}
     try:
@@ -506,30 +533,41 @@ def reassert_status(ns: str, name: str, body: Any, state: RunState) -> None:
 # self-healing: the children
 
 
-def child_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: kopf.Index, gprl_jobs: kopf.Index,
-                **_: Any) -> None:
+async def child_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: kopf.Index,
+                      gprl_jobs: kopf.Index, **_: Any) -> None:
+    """A child's watch event. Looked at in kopf's event loop (nearly every event is the echo of the operator's own
+    write and needs nothing); only a repair goes to a thread."""
     run_name = labels.get("gprl.dev/run")
     run, state = _run_of(gprl_runs, (namespace, run_name)) if run_name else (None, None)
     if run is None or state is None:
         return
-    key = (namespace, run_name)
     meta = run["metadata"]
     if controller_uid(dict(body.get("metadata") or {})) != meta["uid"] or meta.get("deletionTimestamp"):
         return  # an older run's child on its way out, or the run is being deleted
     if state.observed != meta.get("generation") or state.problem is not None:
         return  # the reconcile of this generation is still to come or failing: it applies (or reports) everything
     kind, name = body.get("kind"), body["metadata"]["name"]
+    job = _one(gprl_jobs, (namespace, run_name))
     try:
-        want = next((c for c in desired_children(run, state, _one(gprl_jobs, key))
+        want = next((c for c in desired_children(run, state, job)
                      if c["kind"] == kind and c["metadata"]["name"] == name), None)
     except InvalidRun:
         return
     if want is None:
         return
+    deleted = event.get("type") == "DELETED"
+    if not deleted and not drifted(child_view(want), dict(body)):
+        return
+    await in_thread(repair, run, state, want, deleted, job)
+
+
+def repair(run: dict, state: RunState, want: dict, deleted: bool, job: Optional[dict]) -> None:
+    """Create a deleted child again, or re-apply one changed by hand; say so on the run."""
+    meta, kind, name = run["metadata"], want["kind"], want["metadata"]["name"]
     try:
-        if event.get("type") == "DELETED":
+        if deleted:
             # the run's own deletion deletes its children too: only a child of a run that still exists comes back
-            live = kube().get(API_VERSION, KIND, namespace, run_name)
+            live = kube().get(API_VERSION, KIND, meta["namespace"], meta["name"])
             if live is None or live["metadata"].get("uid") != meta["uid"] or live["metadata"].get("deletionTimestamp"):
                 return
             try:
@@ -539,8 +577,6 @@ def child_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: 
                     raise
             what = "deleted"
         else:
-            if not drifted(child_view(want), dict(body)):
-                return
             kube().apply(want)
             what = "changed by hand"
     except ApiError as exc:
@@ -550,7 +586,7 @@ def child_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: 
     state.note = ("ChildRestored", message)
     notify(run, state, "Normal", "ChildRestored", message)
     state.written = None  # the note is new: write it even if nothing else changed
-    write_status(run, _one(gprl_jobs, key), state, trigger="repair")
+    write_status(run, job, state, trigger="repair")
 
 
 for _group, _version, _plural, _kind in CHILD_RESOURCES:
@@ -560,7 +596,8 @@ for _group, _version, _plural, _kind in CHILD_RESOURCES:
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
 @metrics.timed("job_event")
-def job_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: kopf.Index, **_: Any) -> None:
+async def job_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: kopf.Index, **_: Any) -> None:
+    """The Job's state mirrored into the run's phase and conditions (written only when they change)."""
     run_name = labels.get("gprl.dev/run")
     if not run_name or event.get("type") == "DELETED":
         return
@@ -571,13 +608,16 @@ def job_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: ko
     if run["metadata"]["uid"] not in owners:
         return  # a Job of an older run of the same name, on its way out
     job = {"metadata": dict(body["metadata"]), "spec": dict(body.get("spec") or {}), "status": dict(body.get("status") or {})}
-    write_status(run, job, state, trigger="job")
+    change = status_change(run, job, state)
+    if change is not None:
+        await in_thread(lambda: apply_status(run, state, change, trigger="job"))
 
 
 @kopf.on.event("", "v1", "pods", labels={**MANAGED, "gprl.dev/run": kopf.PRESENT})
 @metrics.timed("pod_event")
-def pod_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: kopf.Index, gprl_jobs: kopf.Index,
-              **_: Any) -> None:
+async def pod_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: kopf.Index,
+                    gprl_jobs: kopf.Index, **_: Any) -> None:
+    """A failed pod of a run: the PodFailed condition with its reason."""
     if event.get("type") == "DELETED":
         return
     failure = pod_failure(dict(body))
@@ -588,7 +628,9 @@ def pod_event(event: dict, body: Any, namespace: str, labels: Any, gprl_runs: ko
     if run is None or state is None or (state.failure or {}).get("pod") == failure["pod"]:
         return
     state.failure = failure
-    write_status(run, _one(gprl_jobs, key), state, trigger="pod")
+    change = status_change(run, _one(gprl_jobs, key), state)
+    if change is not None:
+        await in_thread(lambda: apply_status(run, state, change, trigger="pod"))
 
 
 @kopf.on.probe(id="runs")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import time
+from typing import Optional
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -48,21 +50,41 @@ def resource_of(path: str) -> str:
 
 
 def timed(handler: str):
-    """Count and time a (sync) handler; errors are counted by exception type and re-raised."""
+    """Count and time a handler (sync or async: kopf runs the first in a thread, awaits the second in its loop);
+    errors are counted by exception type and re-raised."""
+
+    def done(t0: float, exc: Optional[BaseException]) -> None:
+        RECONCILE_SECONDS.labels(handler).observe(time.perf_counter() - t0)
+        if exc is None:
+            RECONCILES.labels(handler, "ok").inc()
+        else:
+            RECONCILES.labels(handler, "error").inc()
+            RECONCILE_ERRORS.labels(handler, type(exc).__name__).inc()
 
     def wrap(fn):
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def ainner(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    out = await fn(*args, **kwargs)
+                except Exception as exc:
+                    done(t0, exc)
+                    raise
+                done(t0, None)
+                return out
+
+            return ainner
+
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             t0 = time.perf_counter()
             try:
                 out = fn(*args, **kwargs)
             except Exception as exc:
-                RECONCILES.labels(handler, "error").inc()
-                RECONCILE_ERRORS.labels(handler, type(exc).__name__).inc()
+                done(t0, exc)
                 raise
-            finally:
-                RECONCILE_SECONDS.labels(handler).observe(time.perf_counter() - t0)
-            RECONCILES.labels(handler, "ok").inc()
+            done(t0, None)
             return out
 
         return inner
