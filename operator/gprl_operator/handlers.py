@@ -14,6 +14,7 @@ in `gprl_operator.children` (what the run needs) and `gprl_operator.ownership` (
 - status: the operator's fields are re-asserted when anyone else (e.g. the trainer's ServiceAccount) changes them.
 - deletion: nothing to do, and no finalizer: every child has the run as its controller owner and is
   garbage-collected by Kubernetes, with or without the operator running.
+- state: what this process remembers of a run is a RunState in kopf's memo of the run (see RunState).
 """
 
 from __future__ import annotations
@@ -230,7 +231,9 @@ async def gprl_runs(namespace: str, name: str, meta: Any, spec: Any, status: Any
                 "deletionTimestamp": meta.get("deletionTimestamp"),
             },
             "spec": dict(spec or {}),
-            "status": dict(status or {}),
+            # only what run_status reads (the conditions' transition times): a training run's status carries its
+            # statistics history, which the index would otherwise keep a second copy of for every run
+            "status": {"conditions": list((status or {}).get("conditions") or [])},
             "state": run_state(memo),
         }
     }
