@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--json", default=None, help="write the results here too")
     ap.add_argument("--create-threads", type=int, default=16)
+    ap.add_argument("--operator-log", default=None, help="copy the operator's log here (one file per point)")
     ap.add_argument("--no-drift-loop", action="store_true",
                     help="run the operator with GPRL_OPERATOR_DRIFT_LOOP=0 (reconcile handlers only)")
     args = ap.parse_args(argv)
@@ -185,7 +186,15 @@ def measure(n: int, args) -> dict:
         hwm = op.peak_rss_mb()
         torch_loaded = "torch" in Path(f"/proc/{op.proc.pid}/maps").read_text()
         reconcile_p = sorted(ready_at.values())
+        # the operator's refused requests by status code (429: API priority and fairness, 409: conflicts, ...)
+        refused = {}
+        for line in op.metrics_text().splitlines():
+            if line.startswith("gprl_operator_api_requests_total{") and 'code="2' not in line:
+                code = line.split('code="', 1)[1].split('"', 1)[0]
+                refused[code] = refused.get(code, 0) + float(line.rpartition(" ")[2])
         op.stop()
+        if args.operator_log:
+            Path(f"{args.operator_log}.{n}").write_text(op.log.read_text(errors="replace"))
 
     api_delta = sum(api_after.values()) - sum(api_before.values())
     own = n + 2 * lists + len(totals)  # the benchmark's creates, its lists and watches, the final lists
@@ -202,6 +211,7 @@ def measure(n: int, args) -> dict:
         "operator_rss_peak_mb": round(max(hwm, peak["rss"]), 1),
         "operator_requests_per_run": round((ops_after - ops_before) / n, 2),
         "operator_requests_per_run_kopf": round((kopf_after - kopf_before) / n, 2),
+        "operator_requests_refused_by_code": refused,
         "apiserver_requests_per_run_all_clients": round(api_delta / n, 2),
         "apiserver_requests_per_run_excluding_benchmark": round((api_delta - own) / n, 2),
         "apiserver_requests_by_verb": {k: api_after.get(k, 0) - api_before.get(k, 0) for k in sorted(api_after)},

@@ -92,6 +92,11 @@ class RunState:
     progress: Optional[tuple[int, dict]] = None  # (generation, children applied so far) of a failing reconcile
     written: Any = None  # fingerprint of the status this process last applied
     status: tuple[int, Optional[dict]] = (0, None)  # (resourceVersion, status) of the newest such write
+    # Status writes of this process in flight, and the newest run event seen meanwhile: such an event may show one
+    # of those writes before its thread has recorded it, which is no foreign change (re-asserting would put an
+    # older status back); it is compared once the writes are recorded.
+    writing: int = 0
+    seen: tuple[int, Optional[dict]] = (0, None)
     phase: Optional[str] = None  # counted in gprl_operator_runs
     gone: bool = False  # deleted: its drift-loop timer stops (see _without_finalizers)
     # two handler threads may write one run's status at once (its reconcile, a child's repair)
@@ -154,20 +159,39 @@ def apply_status(run: dict, state: RunState, change: Optional[tuple[dict, Any]],
     if change is None:
         return None
     status, fp = change
-    body = {"apiVersion": API_VERSION, "kind": KIND,
-            "metadata": {"name": run["metadata"]["name"], "namespace": run["metadata"]["namespace"]}, "status": status}
+    out = _write_status(run["metadata"]["namespace"], run["metadata"]["name"], status, state, trigger)
+    if out is not None:
+        with state.lock:
+            state.written = fp
+            if not state.gone:
+                _count_phase(state, status["phase"])
+    return out
+
+
+def _write_status(ns: str, name: str, status: dict, state: RunState, trigger: str) -> Optional[dict]:
+    """Apply `status` (the operator's fields) and record it; then check what the run's events showed meanwhile."""
+    body = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": ns}, "status": status}
+    with state.lock:
+        state.writing += 1
+    out = None
     try:
         out = kube().apply(body, subresource="status")
     except ApiError as exc:
-        if exc.status == 404:  # the run is gone
-            return None
-        raise
+        if exc.status != 404:  # 404: the run is gone
+            raise
+    finally:
+        with state.lock:
+            state.writing -= 1
+            if out is not None:
+                _remember_status(state, out, status)
+            seen, state.seen = (state.seen, (0, None)) if state.writing == 0 else ((0, None), state.seen)
+    if out is None:
+        return None
     metrics.STATUS_WRITES.labels(trigger).inc()
-    with state.lock:
-        state.written = fp
-        _remember_status(state, out, status)
-        if not state.gone:
-            _count_phase(state, status["phase"])
+    if seen[1] is not None:
+        written = status_to_reassert({"metadata": {"resourceVersion": str(seen[0])}, "status": seen[1]}, state)
+        if written is not None:
+            reassert_status(ns, name, written, state)
     return out
 
 
@@ -492,7 +516,12 @@ async def run_event(event: dict, body: Any, namespace: str, name: str, memo: Any
             state.gone = True  # kopf drops the memo with the run; its timer and counted phase go now
             _count_phase(state, None)
         return
-    written = status_to_reassert(body, state)
+    with state.lock:
+        if state.writing:  # compared when those writes are recorded (see RunState.writing)
+            if _rv(body) > state.seen[0]:
+                state.seen = (_rv(body), dict(body.get("status") or {}))
+            return
+        written = status_to_reassert(body, state)
     if written is not None:
         await in_thread(reassert_status, namespace, name, written, state)
 
@@ -518,17 +547,12 @@ def status_to_reassert(body: Any, state: RunState) -> Optional[dict]:
 
 def reassert_status(ns: str, name: str, written: dict, state: RunState) -> None:
     """The phase, the operator's conditions and counts are the operator's: anyone else's change is undone."""
-    body_out = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name, "namespace": ns},
-                "status": written}
     try:
-        out = kube().apply(body_out, subresource="status")
+        if _write_status(ns, name, written, state, "reassert") is None:
+            return
     except ApiError as exc:
-        if exc.status != 404:
-            log.warning("%s/%s: could not re-assert the status: %s", ns, name, exc)
+        log.warning("%s/%s: could not re-assert the status: %s", ns, name, exc)
         return
-    with state.lock:
-        _remember_status(state, out, written)
-    metrics.STATUS_WRITES.labels("reassert").inc()
     log.info("%s/%s: status fields of the operator were changed by someone else; restored", ns, name)
 
 
