@@ -14,6 +14,8 @@ import time
 from typing import Any, Optional
 from urllib.parse import quote, urlencode
 
+import urllib3
+
 from gprl_operator import metrics
 
 FIELD_MANAGER = "gprl-operator"
@@ -110,6 +112,11 @@ class Kube:
             raw = resp.read() if hasattr(resp, "read") else resp.data
             data = resp.data if raw is None else raw
             code = str(resp.status)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            # no answer (a read timeout from an overloaded API server, a dropped connection): status 0, which the
+            # handlers treat as temporary (backoff, an Event) instead of an unhandled traceback. A create that timed
+            # out may still have happened: its retry gets 409 and reads the object back.
+            raise ApiError(0, {"message": f"no answer from the API server: {exc}"}, method, path) from exc
         finally:
             metrics.API_REQUESTS.labels(client="operator", verb=method, resource=resource, code=code).inc()
             metrics.API_LATENCY.labels(verb=method).observe(time.perf_counter() - t0)
