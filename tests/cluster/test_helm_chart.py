@@ -171,7 +171,7 @@ def test_update_strategy_keeps_one_operator(helm):
     assert dep["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
 
 
-def test_helm_test_hook(helm):
+def test_helm_test_hook(helm, tmp_path):
     docs = [d for d in helm_template(helm, tests=True) if d["kind"] == "Pod"]
     (pod,) = docs
     ann = pod["metadata"]["annotations"]
@@ -179,9 +179,35 @@ def test_helm_test_hook(helm):
     c = pod["spec"]["containers"][0]
     assert c["image"] == "ghcr.io/gprl/operator:0.1.0" and c["securityContext"]["readOnlyRootFilesystem"] is True
     assert "gprl-operator-metrics.gprl-system.svc:8000/metrics" in c["args"][0]
-    # its check runs: compile the script it will run
-    compile(c["args"][0], "helm-test", "exec")
     assert not [d for d in helm_template(helm, "--set", "metrics.enabled=false", tests=True) if d["kind"] == "Pod"]
+    # The hook's own script, run as the pod would run it, against the operator's real metrics server on loopback (the
+    # dev cluster runs no containers, so this is how its check is exercised here): it passes, and it fails against a
+    # server that is up but is not the operator's.
+    import socket
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def run_hook(server_code: str) -> subprocess.CompletedProcess:
+        port = free_port()
+        server = subprocess.Popen([sys.executable, "-c", server_code.format(port=port)])
+        try:
+            script = c["args"][0].replace("gprl-operator-metrics.gprl-system.svc:8000", f"127.0.0.1:{port}")
+            return subprocess.run([sys.executable, *c["command"][1:], script], capture_output=True, text=True,
+                                  timeout=120)
+        finally:
+            server.kill()
+            server.wait()
+
+    ok = run_hook("from gprl_operator import metrics; import time; metrics.serve({port}, '127.0.0.1'); time.sleep(120)")
+    assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+    (tmp_path / "metrics").write_text("up 1\n")  # a metrics page, but another exporter's
+    other = run_hook("import functools, http.server as h; h.HTTPServer(('127.0.0.1', {port}), functools.partial("
+                     f"h.SimpleHTTPRequestHandler, directory={str(tmp_path)!r})).serve_forever()")
+    assert other.returncode != 0 and "no gprl_operator_ metrics" in other.stderr, (other.stdout, other.stderr)
 
 
 def test_notes_point_at_the_installed_version(control_plane, helm):
