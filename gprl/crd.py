@@ -283,9 +283,10 @@ def status_schema() -> dict[str, Any]:
     return schema
 
 
-def trainer_status_policy() -> list[dict[str, Any]]:
+def trainer_status_policy(name: str = POLICY_TEMPLATE_NAME) -> list[dict[str, Any]]:
     """A ValidatingAdmissionPolicy (evaluated by the API server itself, no webhook) and its binding: a run's own
     ServiceAccount (`<run>-trainer`) may change only the status fields marked `trainer` in gprl.api.status.
+    `name` is the chart's per-release template by default; a concrete name applies the pair as they are.
 
     RBAC cannot grant single fields of a subresource; this policy narrows the Role's `patch gprlruns/status`
     to the trainer's fields. (A separate object for the trainer's reports would cost a second watch per run.)
@@ -304,7 +305,7 @@ def trainer_status_policy() -> list[dict[str, Any]]:
     policy = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": POLICY_TEMPLATE_NAME, "labels": labels},
+        "metadata": {"name": name, "labels": labels},
         "spec": {
             "failurePolicy": "Fail",
             "matchConstraints": {"resourceRules": [{
@@ -321,8 +322,8 @@ def trainer_status_policy() -> list[dict[str, Any]]:
     binding = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": POLICY_TEMPLATE_NAME, "labels": labels},
-        "spec": {"policyName": POLICY_TEMPLATE_NAME, "validationActions": ["Deny"]},
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"policyName": name, "validationActions": ["Deny"]},
     }
     return [policy, binding]
 

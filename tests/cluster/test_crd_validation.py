@@ -188,7 +188,7 @@ def test_trainer_service_account_cannot_write_operator_status(crd, namespace):
     from gprl_operator.children import rbac
 
     cp = crd
-    for doc in trainer_status_policy():
+    for doc in trainer_status_policy(name="gprl-operator-test-trainer-status"):  # as one release would name it
         cp.apply(doc)
     assert create_run(cp, namespace, "tb", {})[0] == 201
     run = get_run(cp, namespace, "tb")
