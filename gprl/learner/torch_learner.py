@@ -88,7 +88,7 @@ class FrozenPasses:
         micro-batch holds rows of similar length and sequence_logprobs cuts the padding the others would bring.
         The micro-batches' gradients still sum to the batch's (the loss weights each by its share)."""
         n, size = batch.sequences.shape[0], self.spec.algo.micro_batch_size
-        order = torch.argsort(batch.attention_mask.sum(dim=1).cpu(), stable=True)
+        order = torch.argsort(batch.attention_mask.sum(dim=1), stable=True)  # on the batch's device
         return [order[i : i + size] for i in range(0, n, size)]
 
     @torch.no_grad()
@@ -96,7 +96,6 @@ class FrozenPasses:
         temp = self.spec.rollout.temperature
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.sequences.device)
         for rows in self._micro_batches(batch):
-            rows = rows.to(out.device)
             if model_or_none is None:
                 with self.policy.disable_adapter():
                     out[rows] = sequence_logprobs(self.forward_model, batch, rows, temp)[0]
@@ -117,7 +116,6 @@ class FrozenPasses:
         micro-batches sum to the batch's. Returns (weighted loss, [loss, policy_loss, kl, clip_fraction] times the
         share + [entropy summed over the micro-batch's tokens / total_tokens])."""
         algo = self.spec.algo
-        rows = rows.to(batch.sequences.device)
         logp, entropy = sequence_logprobs(self.forward_model, batch, rows, self.spec.rollout.temperature,
                                           with_entropy=True)
         device = logp.device

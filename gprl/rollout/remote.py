@@ -67,9 +67,7 @@ class RemoteRollout:
         self.headers = auth_headers(token if token is not None else load_token())
         self._dtypes: dict[str, str] = {}  # url -> the engine's weight dtype (pushes are cast to it)
         self._pushed_to: set[str] = set()
-        from gprl.config import WeightSyncSpec
-
-        self.weight_sync = getattr(spec, "weight_sync", None) or WeightSyncSpec()
+        self.weight_sync = spec.weight_sync
         self._sender = None  # rank 0's CollectiveSender, made at the first collective push
         self._collective_off: str | None = None  # why this process gave up the collective transport
 
