@@ -149,8 +149,7 @@ class RemoteRollout:
             for bucket in bucketed(policy_weights(policy, None if gathered else self.learner), self.bucket_bytes):
                 payload = save({name: t.to(dtype or t.dtype).contiguous().cpu() for name, t in bucket})
                 self._check(*self._post(url, f"/weights/bucket?session={session}", payload), url)
-            # a commit is not repeated on a 5xx: the engine's load failed, and a retry would only find the session gone
-            out = self._check(*self._post(url, f"/weights/commit?session={session}", retry_5xx=False), url)
+            out = self._commit(url, session, version)
         except BaseException:
             with contextlib.suppress(Exception):  # free the server's staged tensors now rather than at its TTL
                 request(url + f"/weights/abort?session={session}", b"", method="POST", headers=self.headers,
@@ -160,6 +159,16 @@ class RemoteRollout:
         self.pushes += 1
         self.last_push_seconds = time.perf_counter() - t0
         return out
+
+    def _commit(self, url: str, session: str, version: int) -> dict:
+        """Commit a push. A 409 naming `version` itself means another learner rank re-synced this (restarted) server
+        to the same version first; under ZeRO 0-2 every rank holds the same weights for a version, so the push is
+        done. A commit is not repeated on a 5xx: the engine's load failed, and a retry would only find the session
+        gone."""
+        status, body = self._post(url, f"/weights/commit?session={session}", retry_5xx=False)
+        if status == 409 and int(json.loads(body).get("version", -1)) == version:
+            return {"version": version, "tensors": 0}
+        return self._check(status, body, url)
 
     def _check(self, status: int, body: bytes, url: str) -> dict:
         return json_body(status, body, f"rollout server {url}")
@@ -462,7 +471,7 @@ class _HttpStream:
             return
         self._flush()
         c = self.client
-        c._check(*c._post(self.url, f"/weights/commit?session={self.session}", retry_5xx=False), self.url)
+        c._commit(self.url, self.session, self.version)
         c._pushed_to.add(self.url)
         c.pushes += 1
 

@@ -134,6 +134,30 @@ def test_a_push_whose_session_is_lost_starts_over(policy, toy_tokenizer):
         srv.shutdown(); srv.server_close()
 
 
+def test_two_ranks_resyncing_a_restarted_server_to_the_same_version_both_succeed(policy, toy_tokenizer):
+    """ZeRO 0-2: each learner rank re-pushes to a server that answered 409. Rank 1 (never pushed before: a rewinding
+    push) commits version 2 while rank 0's push of version 2 is in flight; rank 0's commit must count as done."""
+    engine = FakeEngine()
+    srv = serve(engine)
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        rank0, rank1 = client(url, toy_tokenizer), client(url, toy_tokenizer)
+        rank0._pushed_to.add(url)  # rank 0 pushed to this URL before the server restarted
+        real_post, raced = rank0._post, {"done": False}
+
+        def racing_post(u, path, payload=None, **kw):
+            if path.startswith("/weights/commit") and not raced["done"]:
+                raced["done"] = True
+                rank1.push(url, policy, 2)  # rank 1's whole re-push lands first
+            return real_post(u, path, payload, **kw)
+
+        rank0._post = racing_post
+        assert rank0.push(url, policy, 2)["version"] == 2
+        assert raced["done"] and engine.version == 2 and engine.loads == 1
+    finally:
+        srv.shutdown(); srv.server_close()
+
+
 class Zero3Learner:
     """Stands in for a ZeRO-3 DeepSpeed learner: whole parameters only inside `gathered_parameters(params)`; records
     how many parameters each gather held."""
