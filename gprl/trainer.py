@@ -648,7 +648,7 @@ class Trainer:
                                "no checkpoint written, the previous ones are intact")
 
     def save_checkpoint(self) -> Path:
-        if hasattr(self.learner, "save"):
+        if self.learner.sharded_checkpoint:
             return self._save_sharded_checkpoint()
         self._check_finite_weights()
         path = self.checkpoint_root / f"step-{self.step:08d}"
@@ -715,7 +715,7 @@ class Trainer:
                 + f"\nUse the original values, or a new output.dir to start a fresh run."
             )
         state = load_state(path, "trainer_state")  # JSON + safetensors: loading runs no code
-        if hasattr(self.learner, "load"):
+        if self.learner.sharded_checkpoint:
             saved_world = state["learner"].get("world_size", self.world)
             if saved_world != self.world:
                 raise CheckpointMismatch(f"checkpoint {path} was written by {saved_world} ranks, this run has {self.world}")

@@ -80,6 +80,8 @@ def init_distributed() -> None:
 
 
 class DeepSpeedLearner(FrozenPasses):
+    sharded_checkpoint = True  # DeepSpeed writes the model and optimizer shards itself (save / load)
+
     def __init__(self, policy, reference, spec: RunSpec):
         import logging
 
@@ -204,6 +206,10 @@ class DeepSpeedLearner(FrozenPasses):
             self.policy.save_pretrained(str(folder), state_dict=state)
         gdist.barrier()
 
+    @property
+    def collective_gather(self) -> bool:
+        return self.stage == 3
+
     def gathered_parameters(self, params=None):
         """Context in which `params` (default: all of the policy's) are whole on every rank (for weight sync /
         generation). Under ZeRO-3 entering it is a collective (an all-gather): every rank must enter it, in the
@@ -213,9 +219,7 @@ class DeepSpeedLearner(FrozenPasses):
 
             return deepspeed.zero.GatheredParameters(list(self.policy.parameters() if params is None else params),
                                                      modifier_rank=None)
-        import contextlib
-
-        return contextlib.nullcontext()
+        return super().gathered_parameters(params)
 
 
 def _to(batch: RolloutBatch, device) -> RolloutBatch:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -78,6 +79,12 @@ class FrozenPasses:
     spec: RunSpec
     policy: object
     reference: object
+    # a plain torch learner holds every parameter whole, and its checkpoint is the policy folder + trainer state
+    collective_gather = False
+    sharded_checkpoint = False
+
+    def gathered_parameters(self, params=None):
+        return contextlib.nullcontext()
 
     @property
     def forward_model(self):

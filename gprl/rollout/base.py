@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import ContextManager, Protocol, Sequence
 
 from torch import Tensor
 
@@ -43,6 +43,17 @@ class RolloutBatch:
         return replace(self, sequences=move(self.sequences), attention_mask=move(self.attention_mask),
                        response_mask=move(self.response_mask), old_logp=move(self.old_logp),
                        sampler_logp=move(self.sampler_logp))
+
+
+class WeightSource(Protocol):
+    """What a rollout backend needs of the learner to read the policy's weights (both learners provide it)."""
+
+    # whole parameters exist only inside a gather that every rank enters together (DeepSpeed ZeRO-3)
+    collective_gather: bool
+
+    def gathered_parameters(self, params=None) -> ContextManager:
+        """`params` (default: all of the policy's) whole on this rank for the duration."""
+        ...
 
 
 class RolloutBackend(Protocol):

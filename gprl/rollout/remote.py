@@ -102,7 +102,7 @@ class RemoteRollout:
 
     def _collective(self) -> bool:
         """ZeRO-3: whole parameters exist only inside a gather that every rank enters together."""
-        return self.learner is not None and getattr(self.learner, "stage", 0) >= 3
+        return self.learner is not None and self.learner.collective_gather
 
     def _can_push(self) -> bool:
         """This rank can re-push on its own, outside a collective (ZeRO 0-2)."""

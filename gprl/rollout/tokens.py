@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 
-from gprl.rollout.base import RolloutBatch
+from gprl.rollout.base import RolloutBatch, WeightSource
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
@@ -53,27 +53,31 @@ def assemble_batch(tokenizer, prompts: Sequence[str], prompt_ids: list[list[int]
     )
 
 
-def policy_weights(policy, learner=None):
+def _refuse_lora(policy) -> None:
+    """The vLLM backends load plain checkpoint names; a peft model's are its adapters' (merge them first)."""
+    from peft import PeftModel
+
+    if isinstance(policy, PeftModel):
+        raise NotImplementedError("vLLM rollouts with LoRA: merge the adapters (model.lora.enabled: false)")
+
+
+def policy_weights(policy, learner: WeightSource | None = None):
     """(name, tensor) pairs of the policy in Hugging Face checkpoint names, one at a time (a ZeRO-3 learner's
     parameters are gathered for the duration). LoRA adapters are not supported by the vLLM backends."""
-    if hasattr(policy, "peft_config"):
-        raise NotImplementedError("vLLM rollouts with LoRA: merge the adapters (model.lora.enabled: false)")
+    _refuse_lora(policy)
     import contextlib
 
-    ctx = learner.gathered_parameters() if learner is not None and hasattr(learner, "gathered_parameters") else \
-        contextlib.nullcontext()
-    with ctx:
+    with learner.gathered_parameters() if learner is not None else contextlib.nullcontext():
         for name, param in policy.named_parameters():
             yield name, param.detach()
 
 
-def layerwise_weights(policy, learner):
+def layerwise_weights(policy, learner: WeightSource):
     """(name, tensor) pairs as `policy_weights` yields them (the same order), each module's own parameters gathered
     only while its tensors are consumed: a ZeRO-3 push then holds one module whole at a time, not the model. Every
     rank must run the whole iteration (each gather is a collective); a tensor stays valid after the next one is
     asked for only as long as the caller keeps a reference to it."""
-    if hasattr(policy, "peft_config"):
-        raise NotImplementedError("vLLM rollouts with LoRA: merge the adapters (model.lora.enabled: false)")
+    _refuse_lora(policy)
     seen: set[int] = set()
     # named_parameters' own walk (modules in order, each one's direct parameters, a shared one once)
     for prefix, module in policy.named_modules():

@@ -162,7 +162,7 @@ class Zero3Learner:
     """Stands in for a ZeRO-3 DeepSpeed learner: whole parameters only inside `gathered_parameters(params)`; records
     how many parameters each gather held."""
 
-    stage = 3
+    collective_gather = True
 
     def __init__(self):
         self.gathers, self.inside = [], False
