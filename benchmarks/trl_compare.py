@@ -85,7 +85,8 @@ class Profile:
 
         import torch
 
-        self.cprof = cProfile.Profile()
+        # CPU time, not wall time: on a shared machine other jobs' load would be charged to whatever ran meanwhile
+        self.cprof = cProfile.Profile(time.process_time)
         self.tprof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
                                             record_shapes=False)
         self.tprof.__enter__()
@@ -140,10 +141,10 @@ def run_gprl(args) -> dict:
     t_start, recs, prof = None, [], Profile(args, "gprl")
     while trainer.step < args.steps:
         if trainer.step == args.warmup:
-            t_start = time.perf_counter()
+            t_start, c_start = time.perf_counter(), time.process_time()
             prof.start()
         recs.append(trainer.train_step())
-    wall = time.perf_counter() - t_start
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
     prof.stop()
     timed = recs[args.warmup :]
     phases = {}
@@ -153,6 +154,7 @@ def run_gprl(args) -> dict:
     total = sum(r["step_seconds"] for r in timed)
     return {
         "steps_per_second": len(timed) / wall,
+        "cpu_seconds_per_step": cpu / len(timed),
         "tokens_per_second": sum(r["tokens"] for r in timed) / wall,
         "phase_share": {k: v / total for k, v in phases.items()},
         "overhead_share": 1.0 - sum(phases.get(k, 0.0) for k in ("generate", "score", "update")) / total,
@@ -204,7 +206,7 @@ def run_trl(args) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            marks.append((time.perf_counter(), tokens["n"]))
+            marks.append((time.perf_counter(), tokens["n"], time.process_time()))
             if len(marks) == args.warmup:
                 prof.start()
 
@@ -212,8 +214,10 @@ def run_trl(args) -> dict:
                           callbacks=[Clock()])
     trainer.train()
     prof.stop()
-    (t0, n0), (t1, n1) = marks[args.warmup - 1], marks[-1]
-    return {"steps_per_second": (len(marks) - args.warmup) / (t1 - t0), "tokens_per_second": (n1 - n0) / (t1 - t0)}
+    (t0, n0, c0), (t1, n1, c1) = marks[args.warmup - 1], marks[-1]
+    timed = len(marks) - args.warmup
+    return {"steps_per_second": timed / (t1 - t0), "cpu_seconds_per_step": (c1 - c0) / timed,
+            "tokens_per_second": (n1 - n0) / (t1 - t0)}
 
 
 def main():
@@ -262,6 +266,9 @@ def main():
     print("| | TRL GRPOTrainer | GPRL | GPRL / TRL |\n|---|---|---|---|")
     for key, label in (("steps_per_second", "optimizer steps/s"), ("tokens_per_second", "generated tokens/s")):
         print(f"| {label} | {t[key]:.3f} | {g[key]:.3f} | {g[key] / t[key]:.2f}x |")
+    # CPU seconds a step cost the process: with --threads 1 barely moved by other jobs on the machine (wall time is)
+    print(f"| CPU seconds per step | {t['cpu_seconds_per_step']:.3f} | {g['cpu_seconds_per_step']:.3f} | "
+          f"{t['cpu_seconds_per_step'] / g['cpu_seconds_per_step']:.2f}x (TRL / GPRL) |")
     print(f"| peak RSS (MB) | {t['peak_rss_mb']:.0f} | {g['peak_rss_mb']:.0f} | {g['peak_rss_mb'] / t['peak_rss_mb']:.2f}x |")
     print("\nGPRL step breakdown (share of step time): "
           + ", ".join(f"{k} {v:.1%}" for k, v in sorted(g["phase_share"].items(), key=lambda kv: -kv[1])))
