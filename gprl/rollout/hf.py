@@ -24,7 +24,6 @@ class HFRollout:
     def sync_weights(self, policy, version: int) -> None:
         self.version = version
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[str], group_size: int) -> RolloutBatch:
         tok = self.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
@@ -43,19 +42,24 @@ class HFRollout:
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
-        out = self.model.generate(
-            input_ids=enc["input_ids"].to(device),
-            attention_mask=enc["attention_mask"].to(device),
-            do_sample=True,
-            temperature=self.spec.temperature,
-            top_p=self.spec.top_p,
-            top_k=self.spec.top_k,
-            max_new_tokens=self.spec.max_new_tokens,
-            num_return_sequences=group_size,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            **({"synced_gpus": True} if self.synced_gpus else {}),
-        )
+        # Inference mode, not just no_grad: no version counters or view tracking on the hundreds of small ops of each
+        # decoding step (5-10 % of a small policy's generation on a CPU; the same kernels, so the same samples).
+        # Not under ZeRO-3, whose hooks gather parameters into tensors that must stay usable by autograd. The batch's
+        # tensors are built below, outside it: the update's forward saves the token ids for its backward pass.
+        with torch.no_grad() if self.synced_gpus else torch.inference_mode():
+            out = self.model.generate(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+                do_sample=True,
+                temperature=self.spec.temperature,
+                top_p=self.spec.top_p,
+                top_k=self.spec.top_k,
+                max_new_tokens=self.spec.max_new_tokens,
+                num_return_sequences=group_size,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                **({"synced_gpus": True} if self.synced_gpus else {}),
+            )
         self.model.train(was_training)
         width = enc["input_ids"].shape[1]
         response = out[:, width:]
