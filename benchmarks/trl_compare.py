@@ -7,7 +7,10 @@ summed over axes); GPRL scores the same GPM's k axes and runs the drift monitor 
 Each side runs in its own subprocess (clean peak-memory figures), one after the other, in one invocation:
 
     python benchmarks/trl_compare.py [--size world|8m|30m|100m] [--steps 12] [--warmup 2] [--threads 2]
-                                     [--profile DIR]
+                                     [--profile DIR] [--which both|interleaved]
+
+On a shared machine the load moves between the two sides' turns; `--which interleaved` runs both in one process, a
+GPRL step after each TRL step, so that both see the same load step by step (no per-side peak RSS in that mode).
 
 --size world is the world's SFT policy and GPM (0.35M parameters); the other sizes are random-weight Llama policies
 built here on the world's tokenizer (so the world's prompts feed them), with a GPM of random heads on a random
@@ -115,7 +118,7 @@ def common(args):
     return dict(prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens, lr=1e-5, beta=0.04)
 
 
-def run_gprl(args) -> dict:
+def gprl_trainer(args):
     from gprl.config import parse_config
     from gprl.trainer import Trainer
 
@@ -138,6 +141,26 @@ def run_gprl(args) -> dict:
     trainer = Trainer(spec, log=lambda *_: None)
     trainer.sources.oracle = None  # oracle bookkeeping is a world-only extra TRL does not do
     trainer.spec.output.eval_every = 0
+    return trainer
+
+
+def gprl_summary(timed: list[dict]) -> dict:
+    """Phase shares, probe steps and mean response length of GPRL's timed step records."""
+    phases = {}
+    for r in timed:
+        for k, v in r["timings"].items():
+            phases[k] = phases.get(k, 0.0) + v
+    total = sum(r["step_seconds"] for r in timed)
+    return {
+        "phase_share": {k: v / total for k, v in phases.items()},
+        "overhead_share": 1.0 - sum(phases.get(k, 0.0) for k in ("generate", "score", "update")) / total,
+        "probe_steps": sum("probe" in r["timings"] for r in timed),
+        "response_length": sum(r["response_length"] for r in timed) / len(timed),
+    }
+
+
+def run_gprl(args) -> dict:
+    trainer = gprl_trainer(args)
     t_start, recs, prof = None, [], Profile(args, "gprl")
     while trainer.step < args.steps:
         if trainer.step == args.warmup:
@@ -147,23 +170,17 @@ def run_gprl(args) -> dict:
     wall, cpu = time.perf_counter() - t_start, time.process_time() - c_start
     prof.stop()
     timed = recs[args.warmup :]
-    phases = {}
-    for r in timed:
-        for k, v in r["timings"].items():
-            phases[k] = phases.get(k, 0.0) + v
-    total = sum(r["step_seconds"] for r in timed)
     return {
         "steps_per_second": len(timed) / wall,
         "cpu_seconds_per_step": cpu / len(timed),
         "tokens_per_second": sum(r["tokens"] for r in timed) / wall,
-        "phase_share": {k: v / total for k, v in phases.items()},
-        "overhead_share": 1.0 - sum(phases.get(k, 0.0) for k in ("generate", "score", "update")) / total,
-        "probe_steps": sum("probe" in r["timings"] for r in timed),
-        "response_length": sum(r["response_length"] for r in timed) / len(timed),
+        **gprl_summary(timed),
     }
 
 
-def run_trl(args) -> dict:
+def run_trl(args, gprl=None) -> dict:
+    """TRL's timed steps; with `gprl` (a GPRL Trainer, --which interleaved) one GPRL step runs after each TRL step,
+    timed on its own and taken out of TRL's step times: both sides then see the same load, step by step."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -203,12 +220,22 @@ def run_trl(args) -> dict:
         bf16=args.trl_bf16 == "on",
     )
     marks, prof = [], Profile(args, "trl")
+    other = {"wall": 0.0, "cpu": 0.0, "recs": [], "walls": [], "cpus": []}  # GPRL's steps (interleaved)
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
-            marks.append((time.perf_counter(), tokens["n"], time.process_time()))
+            # TRL's clock without the GPRL steps run so far
+            marks.append((time.perf_counter() - other["wall"], tokens["n"], time.process_time() - other["cpu"]))
             if len(marks) == args.warmup:
                 prof.start()
+            if gprl is not None:
+                w, c = time.perf_counter(), time.process_time()
+                other["recs"].append(gprl.train_step())
+                w, c = time.perf_counter() - w, time.process_time() - c
+                other["wall"] += w
+                other["cpu"] += c
+                other["walls"].append(w)
+                other["cpus"].append(c)
 
     trainer = GRPOTrainer(model=model, reward_funcs=gpm_reward, args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[Clock()])
@@ -216,13 +243,21 @@ def run_trl(args) -> dict:
     prof.stop()
     (t0, n0, c0), (t1, n1, c1) = marks[args.warmup - 1], marks[-1]
     timed = len(marks) - args.warmup
-    return {"steps_per_second": timed / (t1 - t0), "cpu_seconds_per_step": (c1 - c0) / timed,
-            "tokens_per_second": (n1 - n0) / (t1 - t0)}
+    res = {"steps_per_second": timed / (t1 - t0), "cpu_seconds_per_step": (c1 - c0) / timed,
+           "tokens_per_second": (n1 - n0) / (t1 - t0)}
+    if gprl is not None:
+        recs = other["recs"][args.warmup :]
+        wall, cpu = sum(other["walls"][args.warmup :]), sum(other["cpus"][args.warmup :])
+        res["gprl"] = {"steps_per_second": len(recs) / wall, "cpu_seconds_per_step": cpu / len(recs),
+                       "tokens_per_second": sum(r["tokens"] for r in recs) / wall, **gprl_summary(recs)}
+    return res
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--which", choices=["both", "gprl", "trl"], default="both")
+    ap.add_argument("--which", choices=["both", "interleaved", "gprl", "trl"], default="both",
+                    help="both: each side in its own process, one after the other (peak RSS per side); interleaved: "
+                         "one process, a GPRL step after each TRL step (the same load on both sides; no RSS)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=8)
@@ -236,6 +271,15 @@ def main():
                     help="TRL's bf16 autocast (its default: on); off runs fp32 as GPRL does")
     ap.add_argument("--profile", default=None, help="a folder for per-side profiles of the timed steps")
     args = ap.parse_args()
+    if args.which == "interleaved":
+        import torch
+
+        torch.set_num_threads(args.threads)
+        model_dirs(args.size)
+        load = os.getloadavg()
+        res = run_trl(args, gprl=gprl_trainer(args))
+        report(args, res.pop("gprl"), res, load, os.getloadavg())
+        return
     if args.which != "both":
         import torch
 
@@ -245,7 +289,7 @@ def main():
         print("RESULT " + json.dumps(res))
         return
     results = {}
-    policy, _ = model_dirs(args.size)  # built once, before either side is timed
+    model_dirs(args.size)  # built once, before either side is timed
     load = os.getloadavg()
     for which in ("trl", "gprl"):
         cmd = [sys.executable, __file__, "--which", which] + [
@@ -256,9 +300,13 @@ def main():
         if not line:
             sys.exit(f"{which} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
         results[which] = json.loads(line[-1][7:])
-    g, t = results["gprl"], results["trl"]
-    load_after = os.getloadavg()
-    print(f"policy: {args.size} ({n_params(policy) / 1e6:.2f}M parameters); {args.prompts} prompts x G={args.group}, "
+    report(args, results["gprl"], results["trl"], load, os.getloadavg())
+
+
+def report(args, g: dict, t: dict, load, load_after) -> None:
+    policy, _ = model_dirs(args.size)
+    print(f"mode: {args.which}; "
+          + f"policy: {args.size} ({n_params(policy) / 1e6:.2f}M parameters); {args.prompts} prompts x G={args.group}, "
           f"{args.max_new_tokens} new tokens (GPRL mean response {g['response_length']:.1f}), {args.steps} steps "
           f"({args.warmup} warm-up; {g['probe_steps']} timed GPRL probe steps), {args.threads} torch threads, activation checkpointing {args.gradient_checkpointing} on both sides, TRL bf16 autocast {args.trl_bf16}; "
           f"load average (1/5/15 min) before {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, "
@@ -266,10 +314,13 @@ def main():
     print("| | TRL GRPOTrainer | GPRL | GPRL / TRL |\n|---|---|---|---|")
     for key, label in (("steps_per_second", "optimizer steps/s"), ("tokens_per_second", "generated tokens/s")):
         print(f"| {label} | {t[key]:.3f} | {g[key]:.3f} | {g[key] / t[key]:.2f}x |")
-    # CPU seconds a step cost the process: with --threads 1 barely moved by other jobs on the machine (wall time is)
+    # CPU seconds a step cost the process: less moved by other jobs on the machine than wall time (with --threads 1
+    # no thread waits on a descheduled sibling), though shared caches still make it grow with the load
     print(f"| CPU seconds per step | {t['cpu_seconds_per_step']:.3f} | {g['cpu_seconds_per_step']:.3f} | "
           f"{t['cpu_seconds_per_step'] / g['cpu_seconds_per_step']:.2f}x (TRL / GPRL) |")
-    print(f"| peak RSS (MB) | {t['peak_rss_mb']:.0f} | {g['peak_rss_mb']:.0f} | {g['peak_rss_mb'] / t['peak_rss_mb']:.2f}x |")
+    if "peak_rss_mb" in g:
+        print(f"| peak RSS (MB) | {t['peak_rss_mb']:.0f} | {g['peak_rss_mb']:.0f} | "
+              f"{g['peak_rss_mb'] / t['peak_rss_mb']:.2f}x |")
     print("\nGPRL step breakdown (share of step time): "
           + ", ".join(f"{k} {v:.1%}" for k, v in sorted(g["phase_share"].items(), key=lambda kv: -kv[1])))
     print(f"everything but generation, scoring and update: {g['overhead_share']:.1%}")
