@@ -37,6 +37,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rule_expr(alertname: str) -> str:
+    """The shipped expression of one of the chart's alerts."""
+    rules = yaml.safe_load(RULES.read_text())
+    (expr,) = [r["expr"] for g in rules["groups"] for r in g["rules"] if r.get("alert") == alertname]
+    return expr
+
+
 def chart_rules(hold: str) -> dict:
     """The chart's rule file with every alert's `for:` set to ``hold`` (the expressions untouched): the chart's holds
     are 5-30 minutes, longer than a test run."""
@@ -133,6 +140,29 @@ class PrometheusServer:
 
     def fired(self, alertname: str) -> list[dict]:
         return [s["labels"] for s in self.seen if s["alertname"] == alertname]
+
+    def alerts(self, alertname: str, **labels: str) -> list[dict]:
+        """The alert's instances Prometheus holds now (pending or firing) whose labels include ``labels``."""
+        return [a for a in self.api("alerts")["alerts"] if a["labels"].get("alertname") == alertname
+                and all(a["labels"].get(k) == v for k, v in labels.items())]
+
+    def query(self, expr: str, **labels: str) -> list[dict]:
+        """An instant query; the result's series whose labels include ``labels``."""
+        return [r for r in self.api("query", query=expr)["result"]
+                if all(r["metric"].get(k) == v for k, v in labels.items())]
+
+    def samples(self, metric: str, window: str = "15m", **labels: str) -> dict[str, list[tuple[float, float]]]:
+        """Every stored sample of ``metric``'s series with ``labels`` over ``window``, as (time, value) where the
+        value changed (for failure messages: what Prometheus actually scraped)."""
+        sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        out = {}
+        for r in self.api("query", query=f"{metric}{{{sel}}}[{window}]")["result"]:
+            changes: list[tuple[float, float]] = []
+            for t, v in r["values"]:
+                if not changes or changes[-1][1] != float(v):
+                    changes.append((round(float(t), 1), float(v)))
+            out[json.dumps({k: v for k, v in r["metric"].items() if k not in labels}, sort_keys=True)] = changes
+        return out
 
     def up(self) -> dict[str, float]:
         """job -> value of `up` (1 = the last scrape worked)."""

@@ -14,8 +14,10 @@ trainer's log and its step records, never on timing:
 - faults: the API server restarted during a run (the trainer keeps training with its last control, then catches
   up); a malformed control block written by hand is refused with an Event and never applied;
 - monitoring: a real Prometheus (tests/cluster/prometheus_lib.py) on loopback scrapes the trainers and the operator
-  with the chart's alert rules loaded (their `for:` holds shortened to 2 s, the expressions as shipped) and, in the
-  world run, fires GPRLSingleAxisExploitationSuspected from the live metrics, labelled with the run's namespace.
+  with the chart's alert rules loaded (their `for:` holds shortened to 2 s, the expressions as shipped) and fires
+  GPRLSingleAxisExploitationSuspected from the live metrics of the toy run (and of the opt-in world run), labelled
+  with the run's namespace and name; at a step whose state shows the exploitation the harness stands the toy's
+  trainer still (as a slow step would) until it fires: hold_until_the_exploitation_alert_fires.
 """
 
 from __future__ import annotations
@@ -101,6 +103,107 @@ def finish(trainer, history, cp, namespace, name, steps):
     return trainer.records()
 
 
+EXPLOITATION = "GPRLSingleAxisExploitationSuspected"
+
+
+def exploitation_suspected(state, drift) -> bool:
+    """The alert's condition on one state of the run's drift monitor (the operator exports it as the
+    gprl_operator_drift_* series): one axis over 60 % of the spectrum and twice its reference share, or a win-rate
+    lead over τ_L. Only chooses when the harness holds the trainer; the shipped expression, in Prometheus, decides."""
+    spectrum = state.baseline is not None and any(a > 0.6 and a > 2 * b for a, b in zip(state.spectrum, state.baseline))
+    return spectrum or (drift.lead_tau > 0 and state.lead > drift.lead_tau)
+
+
+def new_records(trainer, offset: int) -> tuple[list[dict], int]:
+    """The trainer's step records written from byte ``offset`` on, and the offset after them (a line still being
+    written is left for the next read)."""
+    path = trainer.out / "steps.jsonl"
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()], offset + len(complete)
+
+
+def hold_until_the_exploitation_alert_fires(trainer, cp, namespace, name, prom, spec) -> dict:
+    """GPRLSingleAxisExploitationSuspected for this run as Prometheus reports it firing, while the run goes on.
+
+    The toy's evidence lasts a few steps: a probe's win-rate lead holds until the next probe (5 steps later), and
+    the operator, down-weighting the leading axis, usually takes it away by then; the spectrum branch never holds
+    (axis 0 has ~65 % of the spectrum from the first step, so no axis doubles its share). A real step takes seconds
+    to minutes, a toy step 0.05-0.5 s: those 5 steps often passed within the alert's 2 s hold, so whether it fired
+    depended on the machine's load. Here the harness replays the run's records through the operator's monitor (the
+    object the operator runs, fed the same statistics: assert_monitor_saw_every_step) and, after a step whose state
+    shows the exploitation, stands the trainer still (SIGSTOP) as a slow step would. Once the operator has fed every
+    step the trainer reported, either its state is one that shows it — then the alert must fire from the exported
+    series — or the operator is a report behind (the trainer reports at most every reportIntervalSeconds), and the
+    trainer goes on to be held again after its next step, which it reports first. A run whose last state shows it
+    is judged after its end (the operator keeps exporting a finished run's state). Every wait is for a state; the
+    bounds only fail the test with the evidence."""
+    from gprl.algo.drift import DriftMonitor
+    from gprl.config import parse_config
+    from prometheus_lib import rule_expr
+
+    rs = parse_config(spec)
+    replay = DriftMonitor(rs.drift, rs.gpm.axes, rs.algo.kl_coef, rs.algo.eps_low, rs.algo.eps_high)
+    labels = {"namespace": namespace, "run": name}
+    shows = [False]  # shows[s]: the monitor's state after step s shows the exploitation
+    offset, held = 0, []  # held: (steps written, the operator's step, its state shows it) of every hold
+
+    def evidence() -> str:
+        series = {m: prom.samples(m, **labels) for m in (
+            "gprl_operator_drift_win_rate_lead", "gprl_operator_drift_win_rate_lead_threshold",
+            "gprl_operator_drift_axis_spectrum", "gprl_operator_drift_axis_spectrum_baseline",
+            "gprl_operator_drift_last_step")}
+        return (f"steps whose state shows it: {[s for s, x in enumerate(shows) if x]}; holds: {held}\n"
+                f"the shipped expression now: {prom.query(rule_expr(EXPLOITATION), **labels)}\n"
+                f"series: {json.dumps(series)}\nalerts: {prom.api('alerts')}\nprometheus log:\n{prom.log_tail()}")
+
+    def judge(what: str) -> dict | None:
+        """With the run standing still: the firing alert when the operator's state shows the exploitation."""
+        def settled():
+            status = (get_run(cp, namespace, name) or {}).get("status") or {}
+            step = (status.get("training") or {}).get("step")
+            return step if step is not None and (status.get("driftMonitor") or {}).get("lastStep") == step else None
+
+        step = wait_for(settled, T, 0.1, what="the operator to feed every reported step")
+        held.append((len(shows) - 1, step, shows[step]))
+        if not shows[step]:
+            return None
+        firing = wait_for(lambda: [a for a in prom.alerts(EXPLOITATION, **labels) if a["state"] == "firing"], T, 0.2,
+                          what=f"{EXPLOITATION} firing for {namespace}/{name} ({what}) from the operator's state of "
+                               f"step {step}\n{evidence()}")
+        print(f"{EXPLOITATION} fired ({what}); steps whose state shows it: {[s for s, x in enumerate(shows) if x]}; "
+              f"holds (steps written, operator's step, shows it): {held}")
+        return firing[0]
+
+    while True:
+        done = trainer.proc.poll() is not None
+        fresh, offset = new_records(trainer, offset)
+        for r in fresh:
+            replay.update(r["axis_variance"], r.get("axis_win_rate"))
+            shows.append(exploitation_suspected(replay.state, rs.drift))
+        seen = [f for f in prom.fired(EXPLOITATION) if all(f.get(k) == v for k, v in labels.items())]
+        if seen:  # it fired on its own (a slow machine's steps outlasted the hold): the poller read it firing
+            return {"state": "firing", "labels": seen[0]}
+        if done:
+            assert trainer.proc.returncode == 0, trainer.text()[-4000:]
+            alert = judge("after the last step")
+            assert alert, f"the toy run ended without its monitor's state showing the exploitation\n{evidence()}"
+            return alert
+        if fresh and shows[-1]:  # a new step whose state shows it: stand the trainer still there
+            os.killpg(trainer.proc.pid, signal.SIGSTOP)
+            try:
+                alert = judge("trainer held")
+            finally:
+                os.killpg(trainer.proc.pid, signal.SIGCONT)
+            if alert:
+                return alert
+        time.sleep(0.02)
+
+
 def check_applied(trainer, history, records):
     """Every generation the trainer says it applied is the one the operator wrote, used from that step on."""
     controls = {c["generation"]: c for c in history.controls()}
@@ -130,6 +233,10 @@ def test_operator_detects_drift_reweights_and_tightens_and_the_trainer_applies_i
         return prometheus.up() == {"gprl-operator": 1.0, "gprl-runs": 1.0}
 
     wait_for(scraped, 120, 1.0, what=f"Prometheus scraping the operator and the trainer:\n{prometheus.log_tail()}")
+    # the exploitation alert fires from the run's own metrics, labelled with the run's namespace and name
+    alert = hold_until_the_exploitation_alert_fires(trainer, cp, namespace, name, prometheus,
+                                                    run_spec(assets, "operator", STEPS))
+    assert alert["state"] == "firing" and alert["labels"]["namespace"] == namespace and alert["labels"]["run"] == name
     records = finish(trainer, history, cp, namespace, name, STEPS)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
 
