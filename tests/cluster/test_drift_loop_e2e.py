@@ -138,10 +138,10 @@ def hold_until_the_exploitation_alert_fires(trainer, cp, namespace, name, prom, 
     object the operator runs, fed the same statistics: assert_monitor_saw_every_step) and, after a step whose state
     shows the exploitation, stands the trainer still (SIGSTOP) as a slow step would. Once the operator has fed every
     step the trainer reported, either its state is one that shows it — then the alert must fire from the exported
-    series — or the operator is a report behind (the trainer reports at most every reportIntervalSeconds), and the
-    trainer goes on to be held again after its next step, which it reports first. A run whose last state shows it
-    is judged after its end (the operator keeps exporting a finished run's state). Every wait is for a state; the
-    bounds only fail the test with the evidence."""
+    series — or the operator is a report behind (the trainer reports at most every reportIntervalSeconds, after
+    writing the step), and the trainer goes on, reports, and is held again after its next step. A run whose last
+    state shows it is judged after its end (the operator keeps exporting a finished run's state). Every wait is for
+    a state; the bounds only fail the test with the evidence."""
     from gprl.algo.drift import DriftMonitor
     from gprl.config import parse_config
     from prometheus_lib import rule_expr
@@ -151,6 +151,15 @@ def hold_until_the_exploitation_alert_fires(trainer, cp, namespace, name, prom, 
     labels = {"namespace": namespace, "run": name}
     shows = [False]  # shows[s]: the monitor's state after step s shows the exploitation
     offset, held = 0, []  # held: (steps written, the operator's step, its state shows it) of every hold
+
+    def follow() -> int:
+        """Feed the steps written since the last call to the replay; how many there were."""
+        nonlocal offset
+        fresh, offset = new_records(trainer, offset)
+        for r in fresh:
+            replay.update(r["axis_variance"], r.get("axis_win_rate"))
+            shows.append(exploitation_suspected(replay.state, rs.drift))
+        return len(fresh)
 
     def evidence() -> str:
         series = {m: prom.samples(m, **labels) for m in (
@@ -168,6 +177,7 @@ def hold_until_the_exploitation_alert_fires(trainer, cp, namespace, name, prom, 
             step = (status.get("training") or {}).get("step")
             return step if step is not None and (status.get("driftMonitor") or {}).get("lastStep") == step else None
 
+        follow()  # the steps written before the trainer stood still (it reports a step after writing it)
         step = wait_for(settled, T, 0.1, what="the operator to feed every reported step")
         held.append((len(shows) - 1, step, shows[step]))
         if not shows[step]:
@@ -181,10 +191,7 @@ def hold_until_the_exploitation_alert_fires(trainer, cp, namespace, name, prom, 
 
     while True:
         done = trainer.proc.poll() is not None
-        fresh, offset = new_records(trainer, offset)
-        for r in fresh:
-            replay.update(r["axis_variance"], r.get("axis_win_rate"))
-            shows.append(exploitation_suspected(replay.state, rs.drift))
+        fresh = follow()
         seen = [f for f in prom.fired(EXPLOITATION) if all(f.get(k) == v for k, v in labels.items())]
         if seen:  # it fired on its own (a slow machine's steps outlasted the hold): the poller read it firing
             return {"state": "firing", "labels": seen[0]}
