@@ -44,7 +44,7 @@ from gprl.api.status import ControlBlock, DriftMonitorState
 from gprl.config import RunSpec
 from gprl.control import InvalidControl, control_block, validate_control
 from gprl.crd import GROUP, KIND, PLURAL, VERSION
-from gprl_operator.kube import shared
+from gprl_operator.kube import ApiError, shared
 
 log = logging.getLogger("gprl_operator.drift")
 
@@ -473,18 +473,44 @@ def post_event(kube: Any, run: dict, etype: str, reason: str, message: str) -> N
     kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body)
 
 
-def tick(run: dict, kube: Any, memo: Any = None) -> Decision:
+DECIDE_ATTEMPTS = 3
+
+
+def tick(run: dict, kube: Any, memo: Any = None) -> Optional[Decision]:
     """Decide, then write the status (one server-side apply) and the Events. `memo`: kopf's per-run memo (a dict),
-    where this process keeps the newest state it wrote (the watch may lag behind it)."""
+    where this process keeps the newest state it wrote (the watch may lag behind it).
+
+    The apply carries the resourceVersion of the copy it was decided on: the watch's copy lags, and a forced apply
+    of a decision made on it would silently overwrite a control block written by hand since (never refused, never
+    adopted). On a conflict the run is read afresh and the decision made again; after DECIDE_ATTEMPTS the tick
+    gives up (None) and the next one decides, since the state lives in the resource."""
     memo = {} if memo is None else memo
     ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
-    d = decide(run, _now(), memo.get("drift_state"))
-    if d.status is not None:
-        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": {"name": name, "namespace": ns},
-                "status": d.status}
-        kube.apply(body, field_manager=DRIFT_MANAGER, subresource="status")
+    for attempt in range(DECIDE_ATTEMPTS):
+        d = decide(run, _now(), memo.get("drift_state"))
+        if d.status is None:
+            break
+        meta = {"name": name, "namespace": ns}
+        if run["metadata"].get("resourceVersion"):
+            meta["resourceVersion"] = run["metadata"]["resourceVersion"]
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": meta, "status": d.status}
+        try:
+            kube.apply(body, field_manager=DRIFT_MANAGER, subresource="status")
+        except ApiError as exc:
+            if exc.status != 409:
+                raise
+            fresh = kube.get(f"{GROUP}/{VERSION}", KIND, ns, name)
+            if fresh is None:
+                return None  # deleted meanwhile
+            run = fresh
+            continue
         if d.reason and "control" in d.status:
             DECISIONS.labels(ns, name, d.reason).inc()
+        break
+    else:
+        log.info("%s/%s: the run changed during %d decisions in a row; the next tick decides", ns, name,
+                 DECIDE_ATTEMPTS)
+        return None
     memo["drift_state"] = d.state
     for ev in d.events:
         try:
