@@ -8,6 +8,8 @@ Rows (each a `gprl.demo.VARIANTS` entry, all on the same budget, data, seeds and
   (b') grpo_bt_monitor   the same with the same monitor (k=1: no axes to compare, so it never acts; checked here)
   (c)  gprl_observed     GPM k=3, per-axis, the monitor *observing only* (its control pinned at baseline), so the
                          row is GPRL without a monitor and its logs say when the monitor would have fired
+  (c_ρ) gprl_floor_observed  (c) with the axis-spread floor ρ = 0.25 (algo.axis_spread_floor): an axis whose group
+                         spread is under ρ times the largest axis's is not lifted to its weight
   (e)  gpm_scalar        GRPO on the same GPM collapsed to a scalar (normalization: scalar), monitor observing only
   (e') gpm_scalar_monitor  the same with the monitor acting
   (d)  gprl_global_norm  GPM k=3, global normalisation, drift monitor
@@ -41,6 +43,7 @@ LABELS = {
     "grpo_bt": "(b) GRPO + BT (k=1), no monitor",
     "grpo_bt_monitor": "(b') GRPO + BT + the same monitor",
     "gprl_observed": "(c) GPRL without monitor (observing only)",
+    "gprl_floor_observed": "(c_ρ) GPRL without monitor, per-axis with spread floor ρ=0.25 (observing)",
     "gpm_scalar": "(e) GRPO on the GPM as a scalar, no monitor (observing)",
     "gpm_scalar_monitor": "(e') GRPO on the GPM as a scalar + monitor",
     "gprl_global_norm": "(d) GPRL, global normalisation, monitor",
@@ -184,7 +187,7 @@ def write_table(rows: list[dict], args, out: Path) -> None:
     # exploit set in
     det = []
     for r in rows:
-        if r["variant"] in ("gprl_observed", "gpm_scalar"):
+        if r["variant"] in ("gprl_observed", "gprl_floor_observed", "gpm_scalar"):
             first = r["triggers"][0] if r["triggers"] else None
             det.append((r["variant"], r["seed"], r["triggers"], r["exploit_onset"], r.get("oracle_peak")))
     if det:

@@ -222,11 +222,23 @@ class AlgoSpec(_Spec):
         json_schema_extra=IMMUTABLE,
     )
     std_eps: float = Field(1e-6, gt=0, description="ε added to the group std in normalisation.")
+    # 0 keeps the method's per-axis step as published. A GPM with an axis that carries next to no spread (the world's
+    # per-aspect GPM: 0.2 % of the variance on axis 2) has that axis's noise lifted to the weight of the others by
+    # per-axis normalisation; the floor is relative to the group's largest axis so that it needs no unit and no state.
+    axis_spread_floor: float = Field(
+        0.0, ge=0, le=1,
+        description="ρ, per_axis only: an axis whose group std is below ρ × the group's largest axis std is divided by "
+        "that floor, not its own std, so it is lifted at most 1/ρ times as much as the largest axis (an axis of noise "
+        "keeps ~0 weight). 0: every axis on its own scale (GPRL as published); 1: every axis on the largest one's scale.",
+    )
 
     @model_validator(mode="after")
     def _clip_range(self) -> "AlgoSpec":
         if self.eps_high < self.eps_low:
             raise ValueError(f"eps_high ({self.eps_high}) must be >= eps_low ({self.eps_low})")
+        if self.axis_spread_floor > 0 and self.normalization != "per_axis":
+            raise ValueError(f"axis_spread_floor ({self.axis_spread_floor}) applies to normalization: per_axis only, "
+                             f"not {self.normalization}")
         return self
 
 

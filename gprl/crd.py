@@ -190,6 +190,13 @@ def spec_schema() -> dict[str, Any]:
         "algo.epsHigh must be >= algo.epsLow (the clip range is [1 - epsLow, 1 + epsHigh])",
         field_path=".epsHigh",
     )
+    _rule(
+        _at(schema, "algo"),
+        "!has(self.axisSpreadFloor) || self.axisSpreadFloor == 0.0 || !has(self.normalization) "
+        "|| self.normalization == 'per_axis'",
+        "algo.axisSpreadFloor applies to normalization: per_axis only",
+        field_path=".axisSpreadFloor",
+    )
     pins = _at(schema, "drift.pinnedWeights")
     _rule(pins, "self.all(w, w > 0.0)", "drift.pinnedWeights must all be > 0")
     _rule(

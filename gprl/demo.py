@@ -21,6 +21,9 @@ VARIANTS = {
     "grpo_bt_monitor": {"gpm": _BT, "algo": {"normalization": "per_axis"}, "drift": _MONITOR},
     "gprl_no_monitor": {"gpm": _GPM, "algo": {"normalization": "per_axis"}, "drift": {"mode": "off"}},
     "gprl_observed": {"gpm": _GPM, "algo": {"normalization": "per_axis"}, "drift": _OBSERVING},
+    # (c) with the axis-spread floor: an axis under a quarter of the group's largest axis spread is not lifted
+    "gprl_floor_observed": {"gpm": _GPM, "algo": {"normalization": "per_axis", "axis_spread_floor": 0.25},
+                            "drift": _OBSERVING},
     "gpm_scalar": {"gpm": _GPM, "algo": {"normalization": "scalar"}, "drift": _OBSERVING},
     "gpm_scalar_monitor": {"gpm": _GPM, "algo": {"normalization": "scalar"}, "drift": _MONITOR},
     "gprl_global_norm": {"gpm": _GPM, "algo": {"normalization": "global"}, "drift": _MONITOR},

@@ -254,7 +254,7 @@ class Trainer:
                 v = torch.where(bad[:, None, None], torch.zeros_like(v), v)
                 lam = torch.where(bad[:, None], torch.zeros_like(lam), lam)
             weights = torch.tensor(control.weights, dtype=v.dtype, device=v.device)
-            adv, scores = advantages(v, lam, weights, algo.normalization, algo.std_eps)
+            adv, scores = advantages(v, lam, weights, algo.normalization, algo.std_eps, algo.axis_spread_floor)
             adv = torch.where(bad[:, None], torch.zeros_like(adv), adv)
             good = ~bad
             axis_var = (axis_variance(scores[good]) if good.any()  # no good group: NaN, and the monitor skips

@@ -52,15 +52,21 @@ def group_axis_scores(v: Tensor, eigenvalues: Tensor) -> Tensor:
     return eigenvalues[:, None, :] * (a * sum_b - b * sum_a) / (group - 1)
 
 
-def normalize_per_axis(scores: Tensor, std_eps: float = 1e-6, min_std: float = 1e-8) -> Tensor:
-    """Â_l(i) = (ŝ_l(i) − mean_i) / (std_i + ε) for each group and axis separately.
+def normalize_per_axis(scores: Tensor, std_eps: float = 1e-6, min_std: float = 1e-8, spread_floor: float = 0.0) -> Tensor:
+    """Â_l(i) = (ŝ_l(i) − mean_i) / (max(std_l, ρ · max_m std_m) + ε) for each group and axis separately.
 
-    scores: (B, G, k). An axis whose spread in a group is below `min_std` gives 0 there
-    (no division of round-off noise into ±1). Returns (B, G, k).
+    scores: (B, G, k); spread_floor: ρ in [0, 1]. With ρ = 0 each axis is on its own scale (method.md §2 step 3).
+    With ρ > 0 an axis whose spread in a group is below ρ times the group's largest axis spread is divided by that
+    floor instead of its own std, so it is lifted at most 1/ρ times as much as the largest axis: an axis of noise
+    (spread ≪ ρ · max) keeps ~0 weight, axes within a factor 1/ρ of each other are normalised as before. ρ = 1
+    puts every axis on the largest one's scale. The floor is relative, per group, so it is scale-free and needs no
+    state; k = 1 is unchanged. An axis whose spread in a group is below `min_std` (or not finite) gives 0 there
+    (no division of round-off noise into ±1) and does not set the floor of the others. Returns (B, G, k).
     """
     centred = scores - scores.mean(dim=1, keepdim=True)
-    std = scores.std(dim=1, keepdim=True, unbiased=False)
-    out = centred / (std + std_eps)
+    std = scores.std(dim=1, keepdim=True, unbiased=False)  # (B, 1, k)
+    largest = torch.where(std.isfinite(), std, torch.zeros_like(std)).amax(dim=-1, keepdim=True)  # (B, 1, 1)
+    out = centred / (torch.maximum(std, spread_floor * largest) + std_eps)
     return torch.where(std > min_std, out, torch.zeros_like(out))
 
 
@@ -89,13 +95,15 @@ def advantages(
     control: Tensor | None = None,
     normalization: Normalization = "per_axis",
     std_eps: float = 1e-6,
+    spread_floor: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Group-relative advantages of every response.
 
     v: (B, G, 2k) GPM embeddings; eigenvalues: (B, k); control: (k,) axis weights m (ones if None).
     Returns (A (B, G), raw per-axis scores ŝ (B, G, k)); the raw scores feed the drift monitor.
 
-    - per_axis: normalise each axis on its own scale, then aggregate with m λ (GPRL).
+    - per_axis: normalise each axis on its own scale, then aggregate with m λ (GPRL); `spread_floor` ρ keeps an
+                axis whose group spread is under ρ times the largest axis's from being lifted (`normalize_per_axis`).
     - global:   normalise all axes with one shared scale; λ is already inside ŝ, so aggregate with m only.
     - scalar:   r(i) = Σ_l m_l ŝ_l(i) first, then one group normalisation (GRPO with a preference model).
     """
@@ -104,7 +112,7 @@ def advantages(
         control = torch.ones(k, dtype=v.dtype, device=v.device)
     scores = group_axis_scores(v, eigenvalues)
     if normalization == "per_axis":
-        adv = aggregate(normalize_per_axis(scores, std_eps), eigenvalues, control)
+        adv = aggregate(normalize_per_axis(scores, std_eps, spread_floor=spread_floor), eigenvalues, control)
     elif normalization == "global":
         adv = (normalize_global(scores, std_eps) * control).sum(dim=-1)
     elif normalization == "scalar":

@@ -45,6 +45,8 @@ CASES = [
     ("empty-prompts", {"data": {"prompts": ""}}, "prompts"),
     ("no-target-modules", {"model": {"lora": {"targetModules": []}}}, "targetModules"),
     ("cel-eps-high-below-low", {"algo": {"epsLow": 0.3, "epsHigh": 0.1}}, "epsHigh"),
+    ("cel-axis-spread-floor-not-per-axis", {"algo": {"normalization": "scalar", "axisSpreadFloor": 0.25}},
+     "axisSpreadFloor"),
     ("cel-kl-coef-max-below-kl-coef", {"algo": {"klCoef": 0.2}, "drift": {"klCoefMax": 0.1}}, "klCoefMax"),
     ("cel-pins-length", {"gpm": {"axes": 3}, "drift": {"pinnedWeights": [1.0, 1.0]}}, "pinnedWeights"),
     ("cel-pins-positive", {"drift": {"pinnedWeights": [1.0, -1.0, 1.0]}}, "pinnedWeights"),
