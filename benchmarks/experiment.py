@@ -43,12 +43,13 @@ LABELS = {
     "grpo_bt": "(b) GRPO + BT (k=1), no monitor",
     "grpo_bt_monitor": "(b') GRPO + BT + the same monitor",
     "gprl_observed": "(c) GPRL without monitor (observing only)",
-    "gprl_floor_observed": "(c_ρ) GPRL without monitor, per-axis with spread floor ρ=0.25 (observing)",
+    "gprl_floor_observed": "(c_ρ) GPRL without monitor, per-axis with spread floor ρ (0.25 unless --floor; observing)",
     "gpm_scalar": "(e) GRPO on the GPM as a scalar, no monitor (observing)",
     "gpm_scalar_monitor": "(e') GRPO on the GPM as a scalar + monitor",
     "gprl_global_norm": "(d) GPRL, global normalisation, monitor",
 }
 ORDER = list(LABELS)
+FLOOR_ROW = "gprl_floor_observed"  # its ρ can be set with --floor (a sensitivity look: use another --out)
 
 # t_{0.975, n-1} for 95 % intervals over n seeds
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
@@ -85,7 +86,8 @@ def run_one(variant: str, seed: int, out: Path, args) -> Path:
         "from gprl.demo import variant_spec\n"
         "from gprl.trainer import Trainer\n"
         f"spec = variant_spec({variant!r}, json.loads(sys.argv[1]), Path({str(out)!r}), {seed}, {args.gpm!r})\n"
-        "Trainer(spec, log=lambda *a: None).train()\n"
+        + (f"spec.algo.axis_spread_floor = {args.floor!r}\n" if args.floor is not None and variant == FLOOR_ROW else "")
+        + "Trainer(spec, log=lambda *a: None).train()\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     t0 = time.time()
@@ -133,6 +135,8 @@ def main():
     ap.add_argument("--kl-coef", type=float, default=0.02)
     ap.add_argument("--gpm", default=None,
                     help="the k = 3 rows' GPM instead of world:gpm, e.g. world:gpm_aspects (gprl_world.spec.GPM_RECIPES)")
+    ap.add_argument("--floor", type=float, default=None,
+                    help="ρ (algo.axis_spread_floor) of the gprl_floor_observed row instead of its 0.25")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, start none")
     args = ap.parse_args()
@@ -166,7 +170,8 @@ def write_table(rows: list[dict], args, out: Path) -> None:
     steps = sorted({s for r in rows for s in r["evals"] if s > 0})
     lines = [
         f"Oracle win rate against the SFT reference (96 held-out prompts × 2 samples), mean ± 95 % interval over report "
-        f"seeds {args.seeds} (thresholds chosen on seeds {args.dev_seeds}); β_KL {args.kl_coef}.",
+        f"seeds {args.seeds} (thresholds chosen on seeds {args.dev_seeds}); β_KL {args.kl_coef}"
+        + (f"; the (c_ρ) row with ρ = {args.floor}" if args.floor is not None else "") + ".",
         "",
         "| row | n | " + " | ".join(f"oracle win @ {s}" for s in steps)
         + f" | proxy win @ {args.long} | exploit @ {args.long} | triggers | triggered steps | releases | "
