@@ -58,6 +58,28 @@ def apiserver_requests(cp) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def box_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine (every process, this benchmark's and everyone else's)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in
+                                                                Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_process(cp, op) -> dict[str, float]:
+    """CPU seconds so far of each control-plane process, the operator, this benchmark and the machine."""
+    out = {name: cpu_seconds(pid) for name, pid in cp.pids().items()}
+    out["operator"] = cpu_seconds(op.proc.pid)
+    out["benchmark"] = cpu_seconds(os.getpid())
+    out["machine"] = box_cpu_seconds()
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", default="200", help="comma-separated numbers of runs: one point of the curve each")
@@ -106,6 +128,7 @@ def measure(n: int, args) -> dict:
         time.sleep(2)  # let the initial listings and peering settle
         rss_idle = op.rss_mb()
         api_before = apiserver_requests(cp)
+        cpu_before = cpu_by_process(cp, op)
         ops_before = op.metric("gprl_operator_api_requests_total")
         kopf_before = op.metric("gprl_operator_api_requests_total", client="kopf")
 
@@ -163,6 +186,7 @@ def measure(n: int, args) -> dict:
             except (OSError, ValueError):
                 continue
         t_status = max(ready_at.values()) if len(ready_at) == n else float("nan")
+        cpu_after = cpu_by_process(cp, op)
 
         # every child present, exactly once
         want = {"configmaps": 1, "serviceaccounts": 1, "roles": 1, "rolebindings": 1,
@@ -215,6 +239,12 @@ def measure(n: int, args) -> dict:
         "apiserver_requests_per_run_all_clients": round(api_delta / n, 2),
         "apiserver_requests_per_run_excluding_benchmark": round((api_delta - own) / n, 2),
         "apiserver_requests_by_verb": {k: api_after.get(k, 0) - api_before.get(k, 0) for k in sorted(api_after)},
+        # CPU seconds from the first create until every run was reconciled (or the timeout): the machine's total
+        # includes other jobs sharing it; "others" is what none of the processes listed used
+        "cpu_s": {**{k: round(cpu_after[k] - cpu_before[k], 1) for k in cpu_after},
+                  "others": round(cpu_after["machine"] - cpu_before["machine"]
+                                  - sum(cpu_after[k] - cpu_before[k] for k in cpu_after if k != "machine"), 1)},
+        "load_average": os.getloadavg(),
         "drift_loop": not args.no_drift_loop,
         "torch_imported_by_operator": torch_loaded,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, {platform.python_implementation()} "

@@ -239,35 +239,49 @@ def _prefixes(parent: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def _transition_rules(schema: dict) -> None:
-    """The change marks (gprl.api.marks) as CEL transition rules (checked on updates only).
+IMMUTABLE = "is immutable"
+IMMUTABLE_WHY = "delete and re-create the GPRLRun to change it (a run resumes from its checkpoints only with the same value)"
+RESTART = "is read when the trainer starts"
+RESTART_WHY = "set spec.suspend: true first, then change it; the pods started on resume use the new value"
+IMMUTABLE_MESSAGE = f"{{field}} {IMMUTABLE}: {IMMUTABLE_WHY}"
+RESTART_MESSAGE = f"{{field}} {RESTART}: {RESTART_WHY}"
 
-    immutable: a rule on the field's parent object (so that setting an unset optional field counts as a change).
-    restart-required: a rule on spec, which can see `suspend`: a change passes only when the stored run is
-    suspended, so that every pod started on resume reads the new value.
+
+def _transition_rules(schema: dict) -> None:
+    """The change marks (gprl.api.marks) as ONE CEL transition rule on spec (checked on updates only).
+
+    immutable: the field may never change; setting an unset optional field counts as a change.
+    restart-required: a change passes only when the stored run is suspended, so that every pod started on resume
+    reads the new value.
+
+    One rule, not one per field, because the API server evaluates every transition rule on every update of a run,
+    its status writes included (rules with oldSelf are never ratcheted), and each field access copies the schema
+    node's property table: 181 per-field rules cost ~20 ms of API-server CPU per status write, 2/3 of the write
+    (BENCHMARKS.md, "Operator at scale"). `self == oldSelf` first: a status write or a metadata patch leaves the
+    spec as it was and skips the rest. The message names every field that may not change (messageExpression).
     """
+    checks: list[tuple[str, str]] = []  # (CEL: the field's change is allowed, message if not)
+    restart: list[tuple[str, str]] = []
     for path, mark in leaf_changes(RunSpec, camel=True):
-        parent, _, leaf = path.rpartition(".")
+        parent = path.rpartition(".")[0]
+        # a field is compared where its parent exists in both objects (as a rule placed on the parent would be)
+        guards = [f"has(self.{p}) && has(oldSelf.{p})" for p in _prefixes(parent)]
+        cond = f"(!({' && '.join(guards)}) || {_unchanged(path)})" if guards else _unchanged(path)
         if mark is Change.IMMUTABLE:
-            _rule(
-                _at(schema, parent) if parent else schema,
-                _unchanged(leaf),
-                f"spec.{path} is immutable: delete and re-create the GPRLRun to change it (a run resumes from "
-                "its checkpoints only with the same value)",
-                field_path=f".{leaf}",
-                reason="FieldValueForbidden",
-            )
+            checks.append((cond, f"spec.{path} {IMMUTABLE}"))
         elif mark is Change.RESTART:
-            guards = [f"has(self.{p}) && has(oldSelf.{p})" for p in _prefixes(parent)]
-            cond = f"!({' && '.join(guards)}) || {_unchanged(path)}" if guards else _unchanged(path)
-            _rule(
-                schema,
-                f"(has(oldSelf.suspend) && oldSelf.suspend) || {cond}",
-                f"spec.{path} is read when the trainer starts: set spec.suspend: true first, then change it; the "
-                "pods started on resume use the new value",
-                field_path=f".{path}",
-                reason="FieldValueForbidden",
-            )
+            restart.append((cond, f"spec.{path} {RESTART}"))
+    suspended = "(has(oldSelf.suspend) && oldSelf.suspend)"
+    allowed = " && ".join(c for c, _ in checks) + f" && ({suspended} || ({' && '.join(c for c, _ in restart)}))"
+    # one sentence per refused field, concatenated (a list joined would be estimated at too high a cost)
+    refusals = [f"({c} ? '' : '{m}: {IMMUTABLE_WHY}. ')" for c, m in checks]
+    refusals += [f"({suspended} || {c} ? '' : '{m}: {RESTART_WHY}. ')" for c, m in restart]
+    schema.setdefault("x-kubernetes-validations", []).append({
+        "rule": f"self == oldSelf || ({allowed})",
+        "message": "a field of spec changed that may not change now: see the change marks in docs/crd-reference.md",
+        "messageExpression": " + ".join(refusals),
+        "reason": "FieldValueForbidden",
+    })
 
 
 def _strip_defaults(node: Any) -> Any:
@@ -482,6 +496,11 @@ def _writers(model: Any, prefix: str, writer: str | None, out: dict[str, str]) -
 
 def _rules(node: dict, prefix: str, out: list[str]) -> None:
     for entry in node.get("x-kubernetes-validations", []):
+        if "messageExpression" in entry:  # the change marks' one rule: a field by field summary reads better
+            out.append(f"| `{prefix or '.'}` | `self == oldSelf \\|\\| (…)`: every field's change mark above, in one "
+                       f"rule | {IMMUTABLE_MESSAGE.format(field='spec.<field>')} / "
+                       f"{RESTART_MESSAGE.format(field='spec.<field>')} |")
+            continue
         out.append(f"| `{prefix or '.'}` | `{entry['rule']}` | {entry['message']} |")
     for name, prop in node.get("properties", {}).items():
         _rules(prop, f"{prefix}.{name}" if prefix else name, out)

@@ -70,8 +70,11 @@ def test_crd_shape():
     assert set(spec["properties"]["rollout"]["properties"]["backend"]["enum"]) == {"hf", "vllm"}
     rules = [r["rule"] for r in spec["x-kubernetes-validations"]]
     assert any("pinnedWeights" in r for r in rules) and any("klCoefMax" in r for r in rules)
-    (policy,) = [r for r in spec["properties"]["model"]["x-kubernetes-validations"] if r["fieldPath"] == ".policy"]
-    assert "oldSelf.policy" in policy["rule"] and "spec.model.policy is immutable" in policy["message"]
+    # the change marks are one transition rule on spec (see gprl.crd._transition_rules), naming the field it refuses
+    (marks,) = [r for r in spec["x-kubernetes-validations"] if "messageExpression" in r]
+    assert marks["rule"].startswith("self == oldSelf || ") and "oldSelf.model.policy" in marks["rule"]
+    assert "'spec.model.policy is immutable: " in marks["messageExpression"]
+    assert not [r for r in spec["properties"]["model"].get("x-kubernetes-validations", []) if "oldSelf" in r["rule"]]
 
 
 def test_crd_command_prints_yaml_and_markdown(capsys):
