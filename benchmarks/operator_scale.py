@@ -219,11 +219,16 @@ def measure(n: int, args) -> dict:
         torch_loaded = "torch" in Path(f"/proc/{op.proc.pid}/maps").read_text()
         reconcile_p = sorted(ready_at.values())
         # the operator's refused requests by status code (429: API priority and fairness, 409: conflicts, ...)
-        refused = {}
+        # and its status writes by trigger (reconcile, job, pod, repair, error, reassert): each is an update of the
+        # run, one of the API server's costliest requests (BENCHMARKS.md)
+        refused, status_writes = {}, {}
         for line in op.metrics_text().splitlines():
             if line.startswith("gprl_operator_api_requests_total{") and 'code="2' not in line:
                 code = line.split('code="', 1)[1].split('"', 1)[0]
                 refused[code] = refused.get(code, 0) + float(line.rpartition(" ")[2])
+            if line.startswith("gprl_operator_status_writes_total{"):
+                trigger = line.split('trigger="', 1)[1].split('"', 1)[0]
+                status_writes[trigger] = round(float(line.rpartition(" ")[2]) / n, 2)
         op.stop()
         if args.operator_log:
             Path(f"{args.operator_log}.{n}").write_text(op.log.read_text(errors="replace"))
@@ -244,6 +249,7 @@ def measure(n: int, args) -> dict:
         "operator_requests_per_run": round((ops_after - ops_before) / n, 2),
         "operator_requests_per_run_kopf": round((kopf_after - kopf_before) / n, 2),
         "operator_requests_refused_by_code": refused,
+        "status_writes_per_run_by_trigger": status_writes,
         "apiserver_requests_per_run_all_clients": round(api_delta / n, 2),
         "apiserver_requests_per_run_excluding_benchmark": round((api_delta - own) / n, 2),
         "apiserver_requests_by_verb": {k: api_after.get(k, 0) - api_before.get(k, 0) for k in sorted(api_after)},
