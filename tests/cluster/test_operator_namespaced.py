@@ -59,7 +59,10 @@ def test_watch_namespaces_mode_reconciles_from_the_first_second(control_plane, t
     t0 = time.monotonic()
     op.start()
     try:
-        run = wait_for(lambda: (lambda r: r if condition(r, "Ready").get("status") == "True" else None)(
+        # reconciled = Ready and the spec generation recorded: a Job-status event can mark the run Ready (its children
+        # exist) a moment before the reconcile's own status write records observedGeneration
+        run = wait_for(lambda: (lambda r: r if condition(r, "Ready").get("status") == "True"
+                                and (r.get("status") or {}).get("observedGeneration") else None)(
             get_run(cp, watched, "first")), 30, interval=0.1, what=f"first run reconciled\n{op.tail()}")
         took = time.monotonic() - t0
         print(f"watchNamespaces: first run Ready {took:.1f}s after the operator was started")
