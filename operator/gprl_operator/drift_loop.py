@@ -486,7 +486,7 @@ def tick(run: dict, kube: Any, memo: Any = None) -> Optional[Decision]:
     gives up (None) and the next one decides, since the state lives in the resource."""
     memo = {} if memo is None else memo
     ns, name = run["metadata"]["namespace"], run["metadata"]["name"]
-    for attempt in range(DECIDE_ATTEMPTS):
+    for _ in range(DECIDE_ATTEMPTS):
         d = decide(run, _now(), memo.get("drift_state"))
         if d.status is None:
             break
