@@ -127,7 +127,9 @@ def part_sync(args) -> dict:
 
     class _Tok:
         eos_token_id = 1
-    client = RemoteRollout([url], _Tok(), None, bucket_mb=args.bucket_mb, log=lambda *_: None)
+    from gprl.config import RolloutSpec
+
+    client = RemoteRollout([url], _Tok(), RolloutSpec(), bucket_mb=args.bucket_mb, log=lambda *_: None)
     times = []
     for v in range(args.repeats):
         t0 = time.perf_counter(); client.push(url, model, 100 + v); times.append(time.perf_counter() - t0)
@@ -140,9 +142,24 @@ def part_sync(args) -> dict:
     order = [n for n, _ in model.named_parameters()]
     times = []
     for v in range(args.repeats):
-        t0 = time.perf_counter(); sender.push(dict(model.named_parameters()), 200 + v, order)
+        t0 = time.perf_counter(); out = sender.push(dict(model.named_parameters()), 200 + v, order)
         times.append(time.perf_counter() - t0)
     res["gloo_seconds"] = statistics.median(times)
+    res["gloo_server_transfer_seconds"], res["gloo_server_load_seconds"] = (out[0]["transfer_seconds"],
+                                                                            out[0]["load_seconds"])
+    # rollout.weightSync.streamLoad: the engine loads each tensor while the next crosses the wire; the first push
+    # after switching it on is staged (it leaves the version a failed streamed push would roll back to)
+    server.store.stream_load = True
+    sender.push(dict(model.named_parameters()), 300, order)
+    times, phases = [], []
+    for v in range(args.repeats):
+        t0 = time.perf_counter(); out = sender.push(dict(model.named_parameters()), 301 + v, order)
+        times.append(time.perf_counter() - t0)
+        assert out[0].get("streamed"), out
+        phases.append((out[0]["transfer_seconds"], out[0]["load_seconds"]))
+    res["gloo_streamed_seconds"] = statistics.median(times)
+    # the server's own account of the last streamed push: begin → last tensor, and the engine's (overlapping) reload
+    res["gloo_streamed_server_transfer_seconds"], res["gloo_streamed_server_load_seconds"] = phases[-1]
     server.shutdown()
     return res
 
@@ -186,7 +203,9 @@ def part_transport(args) -> dict:
 
     class _Tok:
         eos_token_id = 1
-    client = RemoteRollout([url], _Tok(), None, bucket_mb=args.bucket_mb, log=lambda *_: None)
+    from gprl.config import RolloutSpec
+
+    client = RemoteRollout([url], _Tok(), RolloutSpec(), bucket_mb=args.bucket_mb, log=lambda *_: None)
     res = {"size": args.size, "params": n_params(model), "bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     t0 = time.perf_counter()
     out = client.push(url, model, 1)
@@ -426,12 +445,14 @@ def main() -> None:
                                          f"--threads={args.threads}", *common]))
     if results.get("sync"):
         print("\n## Weight sync learner → vLLM engine (float32)\n")
-        print("| size | params | MB | colocated reload_weights (s) | HTTP buckets to serve-rollout (s) | gloo group "
-              "to serve-rollout (s) | gloo / colocated |\n|---|---|---|---|---|---|---|")
+        print("| size | params | MB | colocated reload_weights (s) | HTTP buckets to serve-rollout (s) | gloo group, "
+              "staged (s) | gloo group, streamed (s) | staged / colocated | streamed / colocated |\n"
+              "|---|---|---|---|---|---|---|---|---|")
         for s in results["sync"]:
             print(f"| {s['size']} | {s['params'] / 1e6:.1f}M | {s['bytes'] / 2**20:.0f} | {s['colocated_seconds']:.3f} | "
-                  f"{s['http_seconds']:.3f} | {s['gloo_seconds']:.3f} | "
-                  f"{s['gloo_seconds'] / s['colocated_seconds']:.2f}x |")
+                  f"{s['http_seconds']:.3f} | {s['gloo_seconds']:.3f} | {s['gloo_streamed_seconds']:.3f} | "
+                  f"{s['gloo_seconds'] / s['colocated_seconds']:.2f}x | "
+                  f"{s['gloo_streamed_seconds'] / s['colocated_seconds']:.2f}x |")
     if args.transport:
         results["transport"] = [_run([sys.executable, me, "--part=transport", f"--size={size}",
                                       f"--threads={args.threads}", *common]) for size in args.sizes.split(",") if size]

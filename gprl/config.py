@@ -325,6 +325,12 @@ class WeightSyncSpec(_Spec):
         description="collective: the learner's rank 0 listens here for the servers to join (its TCPStore); 0 = a free "
         "port (local runs), on Kubernetes 0 means 29600.",
     )
+    stream_load: bool = Field(
+        False,
+        description="collective: each server loads every tensor into its engine as it arrives, so the transfer "
+        "overlaps the engine's reload; a server then keeps the last committed weights in host memory (one more copy "
+        "of the model) and reloads them if a push fails part-way. false: a server stages the whole push, then loads.",
+    )
     timeout_seconds: float = Field(
         60.0, gt=0, le=3600,
         description="collective: how long the group may take to form (past it, this learner process pushes over "

@@ -92,11 +92,11 @@ def _check_generate(req: GenerateRequest, caps: GenerateLimits, max_model_len: i
 
 def build_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, max_model_len: int | None = None,
                  *, token: str | None = None, limits: Limits = Limits(), caps: GenerateLimits = GenerateLimits(),
-                 session_ttl_s: float = 300.0) -> Server:
+                 session_ttl_s: float = 300.0, stream_load: bool = False) -> Server:
     """The rollout server for `engine` (not started: call serve_forever)."""
     metrics = RolloutMetrics()
     manifest = engine.weight_manifest()
-    store = WeightStore(engine, manifest, ttl_s=session_ttl_s, metrics=metrics)
+    store = WeightStore(engine, manifest, ttl_s=session_ttl_s, metrics=metrics, stream_load=stream_load)
     store.start_reaper()
     bucket_limit = max(caps.max_bucket_bytes, store.largest_tensor_bytes + 2**20)
     app = make_app(title="gprl serve-rollout", token=token, limits=limits, metrics=metrics,
@@ -163,8 +163,9 @@ def build_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, 
     @app.post("/weights/commit")
     def commit(session: str = Query(max_length=64)):
         try:
-            weights_call(receiver.finish, session)  # a torch.distributed push: wait for its last tensor
-            return weights_call(store.commit, session)
+            # a torch.distributed push: wait for its last tensor (a streamed one commits there)
+            streamed = weights_call(receiver.finish, session)
+            return streamed if streamed is not None else weights_call(store.commit, session)
         except HTTPError:
             raise
         except Exception:  # noqa: BLE001 - the engine's load failed: the store says what and is out of rotation
@@ -207,6 +208,9 @@ def serve_rollout_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bucket-mb", type=float, default=256,
                    help="largest weight bucket (raised to the model's largest tensor if that is bigger)")
     p.add_argument("--request-timeout", type=float, default=30, help="seconds from a request's first byte to its last")
+    p.add_argument("--stream-load", action=argparse.BooleanOptionalAction, default=None,
+                   help="load a collective push into the engine while it arrives, keeping the last committed weights "
+                        "in host memory to roll back (default: rollout.weightSync.streamLoad, else off)")
     p.add_argument("--session-ttl", type=float, default=300, help="seconds an idle weight push session is kept")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="GPUs of this pod the engine shards the policy across (default: rollout.tensorParallelSize)")
@@ -228,6 +232,8 @@ def serve_rollout_main(argv: list[str] | None = None) -> int:
         args.seed = spec.seed if args.seed is None else args.seed
         if args.tensor_parallel_size is None:
             args.tensor_parallel_size = spec.rollout.tensor_parallel_size
+        if args.stream_load is None:
+            args.stream_load = spec.rollout.weight_sync.stream_load
         if args.max_model_len is None:
             import json
             from pathlib import Path
@@ -246,7 +252,7 @@ def serve_rollout_main(argv: list[str] | None = None) -> int:
     caps = GenerateLimits(max_prompts=args.max_prompts, max_n=args.max_n, max_tokens=args.max_tokens,
                           max_bucket_bytes=int(args.max_bucket_mb * 2**20))
     server = build_server(engine, args.host, args.port, args.max_model_len, token=token, limits=limits, caps=caps,
-                          session_ttl_s=args.session_ttl)
+                          session_ttl_s=args.session_ttl, stream_load=bool(args.stream_load))
     auth = "bearer token required" if token else "NO AUTHENTICATION (loopback only)"
     return serve(server, f"[serve-rollout] {args.model} on http://{args.host}:{server.server_address[1]} "
                          f"(version {engine.version}; {auth})")

@@ -19,6 +19,7 @@ failed.
 from __future__ import annotations
 
 import hashlib
+import queue
 import secrets
 import threading
 from datetime import timedelta
@@ -56,8 +57,10 @@ class CollectiveReceiver:
         self.group = None
         self.group_id: str | None = None  # the group of the latest join (reported at begin, checked at receive)
         self.backend = "gloo"
-        self._receiving: dict[str, threading.Thread] = {}
-        self._errors: dict[str, str] = {}
+        self._receiving: dict[str, list[threading.Thread]] = {}
+        self._errors: dict[str, str | Exception] = {}
+        self._commits: dict[str, threading.Event] = {}  # streamed sessions: set when the learner commits
+        self._results: dict[str, dict] = {}
         self._joining: threading.Thread | None = None
 
     def join(self, host: str, port: int, rank: int, world_size: int, group_id: str, backend: str = "gloo",
@@ -78,12 +81,16 @@ class CollectiveReceiver:
         self._joining.start()
 
     def receive(self, session: str, group_id: str | None = None) -> None:
-        """Start receiving the manifest's tensors for `session` (returns at once; commit waits for the end)."""
+        """Start receiving the manifest's tensors for `session` (returns at once; commit waits for the end). With
+        the store's streaming on, each tensor goes on into the engine's load while the next one arrives."""
         if self._joining is not None:
             self._joining.join()
         if self.group is None or (group_id is not None and group_id != self.group_id):
             raise PushRejected(f"not in weight-sync group {group_id}: POST /weights/group first")
         self.store.set_transport(session, "collective")
+        if self.store.can_stream():
+            self._receive_streaming(session)
+            return
         group, device = self.group, ("cuda" if self.backend == "nccl" else "cpu")
 
         def run():
@@ -104,17 +111,68 @@ class CollectiveReceiver:
                 self._errors[session] = bad
 
         thread = threading.Thread(target=run, name=f"weight-receive-{session[:8]}", daemon=True)
-        self._receiving[session] = thread
+        self._receiving[session] = [thread]
         thread.start()
 
-    def finish(self, session: str, timeout_s: float = 600.0) -> None:
-        """Before a commit: wait for the session's tensors; a refused tensor refuses the commit."""
-        thread = self._receiving.pop(session, None)
-        if thread is not None:
-            thread.join(timeout_s)
+    def _receive_streaming(self, session: str) -> None:
+        """Two threads: one receives the broadcasts into a queue, the other feeds the queue to `store.stream`, so
+        tensor i+1 crosses the wire while the engine loads tensor i. The receiver completes every broadcast even
+        after the load gave up (a collective must complete on every member)."""
+        group, device = self.group, ("cuda" if self.backend == "nccl" else "cpu")
+        arrived: queue.Queue = queue.Queue()
+        committed, gave_up = threading.Event(), threading.Event()
+        self._commits[session] = committed
+
+        def receive():
+            for spec in self.store.manifest.values():
+                t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+                try:
+                    group.broadcast(t, 0).wait()
+                except Exception as exc:  # noqa: BLE001 - the group broke (the learner died): this push is over
+                    arrived.put(PushRejected(f"weight-sync group failed: {exc}"))
+                    return
+                if not gave_up.is_set():
+                    arrived.put(t)
+
+        def incoming():
+            for name in self.store.manifest:
+                item = arrived.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield name, item
+            # every tensor arrived: the load waits inside the engine for the learner's commit
+            while not committed.wait(0.2):
+                if session not in self.store.sessions:
+                    raise PushRejected(f"weight session {session} aborted or expired before its commit")
+
+        def load():
+            try:
+                self._results[session] = self.store.stream(session, incoming())
+            except Exception as exc:  # noqa: BLE001 - handed to the commit
+                self._errors[session] = exc
+            finally:
+                gave_up.set()
+
+        receiver = threading.Thread(target=receive, name=f"weight-receive-{session[:8]}", daemon=True)
+        loader = threading.Thread(target=load, name=f"weight-load-{session[:8]}", daemon=True)
+        self._receiving[session] = [loader, receiver]  # the load first: a commit must not wait on a stuck receive
+        receiver.start()
+        loader.start()
+
+    def finish(self, session: str, timeout_s: float = 600.0) -> dict | None:
+        """Before a commit: wait for the session's tensors; a refused tensor refuses the commit. A streamed push
+        commits here (its answer is returned); a staged one returns None and commits in the store."""
+        committed = self._commits.pop(session, None)
+        if committed is not None:
+            committed.set()
+        for thread in self._receiving.pop(session, []):
+            thread.join(timeout_s)  # the receiver too: its last broadcasts precede the next push's
         error = self._errors.pop(session, None)
+        if isinstance(error, Exception):
+            raise error
         if error is not None:
             raise PushRejected(error)
+        return self._results.pop(session, None)
 
 
 class Join(BaseModel):

@@ -10,7 +10,10 @@ parameter's name, shape and dtype, in Hugging Face checkpoint names) and accepts
 * the staged set is the whole manifest.
 
 Every check runs before the engine is touched, so a refused push leaves the engine exactly on its previous weights
-and version. Sessions idle for longer than `ttl_s` expire and free their tensors; at most `max_sessions` are open
+and version. A streamed push (`stream`, `rollout.weightSync.streamLoad`) instead feeds each checked tensor to the
+engine as it arrives, so the transfer overlaps the engine's load; the store then keeps the last committed push's
+tensors in host memory (one more copy of the model) and, when a streamed push fails part-way, reloads them: the
+engine again ends exactly on its previous weights and version. Sessions idle for longer than `ttl_s` expire and free their tensors; at most `max_sessions` are open
 (a new one evicts the oldest). If the engine's own load raises after the checks passed, its weights may be mixed:
 the store marks itself broken (generation answers 503, /readyz fails) until a later push commits whole.
 """
@@ -44,6 +47,13 @@ def manifest_of(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dic
     # ds_shape: a ZeRO-3 parameter's whole shape (its own tensor is this rank's partition)
     return {n: TensorSpec(tuple(getattr(p, "ds_shape", p.shape)), dtype or p.dtype)
             for n, p in model.named_parameters()}
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in `t`. A NaN or an infinity makes the sum non-finite, so a finite sum settles it in one
+    reduction (25x faster than isfinite().all() on a CPU: no bool tensor of t's size); only a non-finite sum, which
+    a finite tensor gives when the sum overflows, needs the element-wise check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class WeightEngine(Protocol):
@@ -84,7 +94,8 @@ class _Session:
 
 class WeightStore:
     def __init__(self, engine: WeightEngine, manifest: Mapping[str, TensorSpec], *, ttl_s: float = 300.0,
-                 max_sessions: int = 2, metrics=None, clock: Callable[[], float] = time.monotonic):
+                 max_sessions: int = 2, metrics=None, clock: Callable[[], float] = time.monotonic,
+                 stream_load: bool = False):
         if not manifest:
             raise ValueError("the weight manifest is empty")
         self.engine, self.manifest = engine, dict(manifest)
@@ -93,6 +104,9 @@ class WeightStore:
         self.lock = threading.Lock()
         self.commit_lock = threading.Lock()  # one engine load at a time
         self.broken: str | None = None
+        self.stream_load = stream_load
+        # stream_load: the last committed push's tensors (on the CPU), what a failed streamed push reloads
+        self.kept: dict[str, torch.Tensor] | None = None
         self.largest_tensor_bytes = max(s.nbytes for s in self.manifest.values())
         self.model_bytes = sum(s.nbytes for s in self.manifest.values())
         self._gauges()
@@ -170,6 +184,7 @@ class WeightStore:
                 raise
             load_s = time.perf_counter() - t0
             self.broken = None
+            self._keep(sess)
         self._count(sess, "ok")
         if self.metrics is not None:
             self.metrics.weight_version.set(self.engine.version)
@@ -177,6 +192,89 @@ class WeightStore:
             self.metrics.weight_sync.labels(transport=sess.transport, phase="load").observe(load_s)
         return {"version": self.engine.version, "tensors": len(sess.tensors), "transfer_seconds": transfer_s,
                 "load_seconds": load_s}
+
+    def can_stream(self) -> bool:
+        """A push may stream into the engine: streaming is on and a whole, good version is kept to roll back to
+        (the first push after a start, or after a failed load, is staged)."""
+        return self.stream_load and self.kept is not None and self.broken is None
+
+    def stream(self, session: str, incoming: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        """Load `session`'s tensors into the engine while they arrive. `incoming` yields the manifest's tensors,
+        then returns once the learner commits (raising if it aborts or the transfer fails). Each tensor is checked
+        before the engine sees it; any failure reloads the kept previous version and raises."""
+        with self.lock:
+            sess = self._get_locked(session)
+        kept = self.kept
+        if kept is None:
+            raise PushRejected("no kept version to roll back to: this push must be staged")
+        t0 = self.clock()
+        transfer_s = 0.0
+
+        def checked():
+            nonlocal transfer_s
+            for name, t in incoming:
+                self._check(sess, name, t)
+                with self.lock:
+                    if self.sessions.get(session) is not sess:
+                        raise UnknownSession(f"unknown weight session {session} (expired or aborted)")
+                    sess.tensors[name] = t.to("cpu")  # the next rollback target, off the accelerator
+                    sess.nbytes += t.numel() * t.element_size()
+                    sess.touched = self.clock()
+                yield name, t
+            transfer_s = self.clock() - t0
+            missing = [n for n in self.manifest if n not in sess.tensors]
+            if missing:
+                raise PushRejected(f"incomplete push: {len(missing)} of {len(self.manifest)} tensors missing "
+                                   f"(first: {', '.join(missing[:3])})")
+
+        try:
+            with self.commit_lock:
+                if sess.version <= self.engine.version and not sess.rewind:
+                    raise StaleVersion(f"version: the engine moved to {self.engine.version} during this push "
+                                       f"(got {sess.version})", self.engine.version)
+                previous, l0 = self.engine.version, time.perf_counter()
+                try:
+                    self.engine.load_weights(checked(), sess.version)
+                except Exception as exc:
+                    self._roll_back(sess, kept, previous, exc)
+                    if isinstance(exc, (PushRejected, StaleVersion, UnknownSession)):
+                        raise
+                    raise PushRejected(f"the push failed part-way ({type(exc).__name__}: {exc}); the engine "
+                                       f"reloaded version {previous}") from exc
+                load_s = time.perf_counter() - l0
+                self._keep(sess)
+                count = len(sess.tensors)
+        except (PushRejected, StaleVersion, UnknownSession):
+            self._count(sess, "rejected")
+            raise
+        finally:
+            self.abort(session)
+        self._count(sess, "ok")
+        if self.metrics is not None:
+            self.metrics.weight_version.set(self.engine.version)
+            self.metrics.weight_sync.labels(transport=sess.transport, phase="transfer").observe(transfer_s)
+            self.metrics.weight_sync.labels(transport=sess.transport, phase="load").observe(load_s)
+        return {"version": self.engine.version, "tensors": count, "transfer_seconds": transfer_s,
+                "load_seconds": load_s, "streamed": True}
+
+    def _roll_back(self, sess: _Session, kept: Mapping[str, torch.Tensor], previous: int, exc: Exception) -> None:
+        """The engine may hold part of the failed push: reload the kept version whole."""
+        try:
+            self.engine.load_weights(((n, kept[n]) for n in self.manifest), previous)
+        except Exception as again:
+            self.broken = (f"a streamed push of version {sess.version} failed ({type(exc).__name__}: {exc}) and "
+                           f"reloading version {previous} failed too ({type(again).__name__}: {again}); waiting "
+                           f"for a complete push")
+            self.kept = None
+            self._gauges()
+            self._count(sess, "failed")
+            raise again from exc
+
+    def _keep(self, sess: _Session) -> None:
+        """After a commit: with streaming on, its tensors are the next rollback target (the old ones are freed)."""
+        if self.stream_load:
+            self.kept = {n: t.to("cpu") for n, t in sess.tensors.items()}
+            self._gauges()
 
     def abort(self, session: str) -> None:
         with self.lock:
@@ -213,7 +311,7 @@ class WeightStore:
             raise PushRejected(f"tensor {name!r}: shape {tuple(t.shape)}, the model's is {spec.shape}")
         if t.dtype != spec.dtype:
             raise PushRejected(f"tensor {name!r}: dtype {t.dtype}, the engine's is {spec.dtype}")
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not _finite(t):
             raise PushRejected(f"tensor {name!r} has NaN or infinite values")
 
     def _get_locked(self, session: str) -> _Session:
@@ -243,6 +341,7 @@ class WeightStore:
         if self.metrics is not None:
             self.metrics.weight_sessions.set(len(self.sessions))
             self.metrics.weight_staged_bytes.set(self.staged_bytes)
+            self.metrics.weight_kept_bytes.set(self.model_bytes if self.kept is not None else 0)
             self.metrics.weight_version.set(self.engine.version)
 
     def _count(self, sess: _Session, result: str) -> None:

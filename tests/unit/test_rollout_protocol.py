@@ -441,3 +441,93 @@ def test_a_gloo_push_commits_the_same_weights_as_http_and_a_bad_one_leaves_the_v
     finally:
         for s in servers:
             s.shutdown(); s.server_close()
+
+
+class InPlaceEngine(FakeEngine):
+    """Writes each tensor into its weights as the iterator yields it (as vLLM's reload does), so a push that fails
+    part-way leaves a mix unless the store rolls back; records when the first tensor reached it."""
+
+    def __init__(self, weights):
+        super().__init__()
+        self.weights = {k: v.clone() for k, v in weights.items()}
+        self.first_tensor_at = None
+
+    def load_weights(self, weights, version):
+        self.first_tensor_at = None
+        for name, t in weights:
+            if self.first_tensor_at is None:
+                self.first_tensor_at = time.monotonic()
+            self.weights[name].copy_(t)
+        self.version, self.loads = version, self.loads + 1
+
+
+def test_a_streamed_gloo_push_overlaps_the_load_and_a_failed_one_rolls_back(policy, toy_tokenizer):
+    """rollout.weightSync.streamLoad: the first push is staged (nothing to roll back to yet); later ones stream —
+    the engine loads the first tensor before the learner has sent the last — and a push refused part-way (a NaN
+    tensor) reloads the previous version, bitwise, on both servers."""
+    from gprl.serving.http import ServerError
+    from gprl.serving.rollout_server import build_server
+    from gprl.serving.weight_sync import CollectiveSender
+
+    start = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    engines = [InPlaceEngine(start), InPlaceEngine(start)]
+    servers = []
+    for e in engines:
+        srv = build_server(e, "127.0.0.1", 0, stream_load=True)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+    urls = [f"http://127.0.0.1:{s.server_address[1]}" for s in servers]
+    order = list(FakeEngine.default_manifest)
+
+    def weights(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {k: torch.randn(v.shape, generator=g) for k, v in start.items()}
+
+    try:
+        sender = CollectiveSender({})
+        assert sender.form(urls) == urls
+        out = sender.push(weights(1), 1, order)
+        assert [o.get("streamed") for o in out] == [None, None]  # staged: no version kept yet
+        # streamed, slowed down on the learner's side so that the overlap is visible
+        sender.begin(2)
+        w2 = weights(2)
+        for name in order[:-1]:
+            sender.send(w2[name]); time.sleep(0.01)
+        last_sent_at = time.monotonic()
+        sender.send(w2[order[-1]])
+        out = sender.commit()
+        assert [o["version"] for o in out] == [2, 2] and all(o["streamed"] for o in out)
+        for e in engines:
+            assert e.first_tensor_at < last_sent_at
+            for k in order:
+                assert torch.equal(e.weights[k], w2[k])
+        # refused part-way: the first tensors were already in the engine; the store reloads version 2
+        bad = weights(3)
+        bad[order[len(order) // 2]][0] = float("nan")
+        with pytest.raises(ServerError, match="NaN"):
+            sender.push(bad, 3, order)
+        for e in engines:
+            assert e.version == 2
+            for k in order:
+                assert torch.equal(e.weights[k], w2[k]), k
+        assert [s.store.staged_bytes for s in servers] == [0, 0]
+        # and the group goes on: the next push streams
+        out = sender.push(weights(4), 4, order)
+        assert [o["version"] for o in out] == [4, 4] and all(o["streamed"] for o in out)
+    finally:
+        for s in servers:
+            s.shutdown(); s.server_close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_finiteness_check_is_exact_when_the_sum_overflows(dtype):
+    """The commit's NaN/inf check sums first: a finite tensor whose sum overflows must still pass, and a NaN or
+    an infinity anywhere (also +inf and -inf together) must still fail."""
+    from gprl.serving.weights import _finite
+
+    big = torch.finfo(dtype).max
+    assert _finite(torch.full((8,), big, dtype=dtype))  # the sum is inf; the elements are finite
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        t = torch.ones(1000, dtype=dtype)
+        t[: len(bad)] = torch.tensor(bad, dtype=dtype)
+        assert not _finite(t), bad

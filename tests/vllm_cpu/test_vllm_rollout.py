@@ -121,7 +121,7 @@ def test_colocated_greedy_and_logprobs_match_hf_before_and_after_push(engine, po
     rollout.version = 1
 
 
-def _start_server(policy_dir, port, log):
+def _start_server(policy_dir, port, log, stream_load=False):
     """`gprl serve-rollout --config run.yaml`, as the operator's rollout Deployment starts it."""
     import yaml
 
@@ -132,7 +132,9 @@ def _start_server(policy_dir, port, log):
     cfg.write_text(yaml.safe_dump({"model": {"policy": str(policy_dir)},
                                    "gpm": {"path": str(policy_dir)},
                                    "data": {"maxPromptTokens": 48, "prompts": str(prompts)},
-                                   "rollout": {"backend": "vllm", "maxNewTokens": 16}}))
+                                   "rollout": {"backend": "vllm", "maxNewTokens": 16,
+                                               **({"weightSync": {"transport": "collective", "streamLoad": True}}
+                                                  if stream_load else {})}}))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
         [sys.executable, "-m", "gprl.cli", "serve-rollout", "--config", str(cfg), "--host", "127.0.0.1",
@@ -289,6 +291,57 @@ def test_gloo_sync_reloads_the_engine_like_an_http_push_and_a_restarted_server_r
         assert sender.form([url]) == [url]  # a new group with the replaced server
         (out,) = sender.push(dict(model.named_parameters()), 3, order)
         assert out["version"] == 3 and greedy(3) == over_http
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_streamed_gloo_push_gives_the_same_generations_and_a_failed_one_reloads_the_previous(policy_dir,
+                                                                                                toy_tokenizer,
+                                                                                                tmp_path):
+    """rollout.weightSync.streamLoad on a real vLLM engine: tensors go into the engine's reload while they arrive;
+    the generations equal HF generate's on the pushed weights; a push refused part-way (NaN in a middle tensor, after
+    the first tensors reached the engine) leaves the previous version's generations."""
+    from gprl.distributed import free_port
+    from gprl.rollout.tokens import encode_prompts
+    from gprl.serving.http import ServerError, json_body, request
+    from gprl.serving.weight_sync import CollectiveSender
+
+    tok = toy_tokenizer
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "server.log"
+    proc = _start_server(policy_dir, port, log, stream_load=True)
+    ids = encode_prompts(tok, PROMPTS, 64)
+
+    def greedy(version):
+        out = json_body(*request(url + "/generate", {"prompt_ids": ids, "n": 1, "temperature": 0.0, "max_tokens": 8,
+                                                      "stop_token_ids": [tok.eos_token_id],
+                                                      "min_version": version})[::2], "generate")
+        assert out["version"] == version
+        return [g[0]["token_ids"] for g in out["completions"]]
+
+    try:
+        _wait_healthy(url, proc, log)
+        model = hf_model(policy_dir)
+        order = [n for n, _ in model.named_parameters()]
+        sender = CollectiveSender({})
+        assert sender.form([url], hf_manifest(policy_dir)) == [url]
+        perturb(model, seed=5)
+        (out,) = sender.push(dict(model.named_parameters()), 1, order)
+        assert "streamed" not in out and greedy(1) == hf_greedy(model, tok, ids)  # staged: nothing kept before
+        perturb(model, seed=6)
+        (out,) = sender.push(dict(model.named_parameters()), 2, order)
+        want = hf_greedy(model, tok, ids)
+        assert out["streamed"] and out["version"] == 2 and greedy(2) == want
+        bad = {k: v.detach().clone() for k, v in hf_model(policy_dir).named_parameters()}
+        bad[order[len(order) // 2]][0] = float("nan")
+        with pytest.raises(ServerError, match="NaN"):
+            sender.push(bad, 3, order)
+        assert greedy(2) == want  # the engine reloaded version 2
+        perturb(model, seed=7)
+        (out,) = sender.push(dict(model.named_parameters()), 3, order)
+        assert out["streamed"] and greedy(3) == hf_greedy(model, tok, ids) != want
     finally:
         proc.kill()
         proc.wait()
