@@ -160,7 +160,59 @@ def part_sync(args) -> dict:
     res["gloo_streamed_seconds"] = statistics.median(times)
     # the server's own account of the last streamed push: begin → last tensor, and the engine's (overlapping) reload
     res["gloo_streamed_server_transfer_seconds"], res["gloo_streamed_server_load_seconds"] = phases[-1]
+    if args.sender_process:
+        res.update(_cpu_split(args, folder, url, server, engine, model, order))
     server.shutdown()
+    return res
+
+
+def _sender_main(folder: str, url: str, conn, threads: int) -> None:
+    """--sender-process: the learner's rank 0 in a process of its own; pushes the versions it is sent and answers
+    each with its own CPU seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from gprl.serving.weight_sync import CollectiveSender
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    weights, order = dict(model.named_parameters()), [n for n, _ in model.named_parameters()]
+    sender = CollectiveSender({})
+    sender.form([url])
+    while (version := conn.recv()) is not None:
+        c0 = time.process_time(); out = sender.push(weights, version, order)
+        conn.send((time.process_time() - c0, out[0]))
+
+
+def _cpu_split(args, folder, url, server, engine, model, order) -> dict:
+    """Who spends the CPU of a push: the colocated reload vs a streamed gloo push whose learner is another process
+    (its CPU is what a deployment moves off the server's machine). Process CPU seconds (every thread's)."""
+    import multiprocessing as mp
+
+    from gprl.rollout.tokens import policy_weights
+
+    res = {}
+    c0, t0 = time.process_time(), time.perf_counter()
+    engine.load_weights(policy_weights(model), 900)
+    res["colocated_cpu_seconds"], res["colocated_once_seconds"] = time.process_time() - c0, time.perf_counter() - t0
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_sender_main, args=(str(folder), url, theirs, args.threads), daemon=True)
+    proc.start()
+    server.store.stream_load = True
+    walls, server_cpu, sender_cpu = [], [], []
+    for v in range(1000, 1001 + args.repeats):  # the first one may be staged (nothing kept from this sender yet)
+        c0, t0 = time.process_time(), time.perf_counter()
+        mine.send(v)
+        cpu, out = mine.recv()
+        if v > 1000:
+            assert out.get("streamed"), out
+            walls.append(time.perf_counter() - t0); server_cpu.append(time.process_time() - c0); sender_cpu.append(cpu)
+    mine.send(None)
+    proc.join(60)
+    res["split_streamed_seconds"] = statistics.median(walls)
+    res["split_server_cpu_seconds"] = statistics.median(server_cpu)
+    res["split_sender_cpu_seconds"] = statistics.median(sender_cpu)
     return res
 
 
@@ -409,6 +461,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--vllm-python", default=str(Path(os.environ.get(
         "GPRL_VLLM_VENV", Path.home() / ".cache" / "gprl" / "venv-vllm")) / "bin" / "python"))
+    ap.add_argument("--sender-process", action="store_true",
+                    help="sync: also push from a learner in its own process and report whose CPU a push uses")
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-learner", action="store_true")
     ap.add_argument("--skip-rollout", action="store_true", help="vLLM parts: the weight sync only")
@@ -442,7 +496,8 @@ def main() -> None:
         results["sync"] = []
         for size in [x for x in args.sizes.split(",") if x]:
             results["sync"].append(_run([args.vllm_python, me, "--part=sync", f"--size={size}",
-                                         f"--threads={args.threads}", *common]))
+                                         f"--threads={args.threads}", *common,
+                                         *(["--sender-process"] if args.sender_process else [])]))
     if results.get("sync"):
         print("\n## Weight sync learner → vLLM engine (float32)\n")
         print("| size | params | MB | colocated reload_weights (s) | HTTP buckets to serve-rollout (s) | gloo group, "
@@ -453,6 +508,15 @@ def main() -> None:
                   f"{s['http_seconds']:.3f} | {s['gloo_seconds']:.3f} | {s['gloo_streamed_seconds']:.3f} | "
                   f"{s['gloo_seconds'] / s['colocated_seconds']:.2f}x | "
                   f"{s['gloo_streamed_seconds'] / s['colocated_seconds']:.2f}x |")
+        if any("split_streamed_seconds" in s for s in results["sync"]):
+            print("\n## Whose CPU a streamed push uses (the learner in a process of its own)\n")
+            print("| size | colocated: wall (s) | colocated: CPU (s) | streamed: wall (s) | streamed: server CPU (s) | "
+                  "streamed: learner CPU (s) | server CPU / colocated CPU |\n|---|---|---|---|---|---|---|")
+            for s in results["sync"]:
+                print(f"| {s['size']} | {s['colocated_once_seconds']:.3f} | {s['colocated_cpu_seconds']:.3f} | "
+                      f"{s['split_streamed_seconds']:.3f} | {s['split_server_cpu_seconds']:.3f} | "
+                      f"{s['split_sender_cpu_seconds']:.3f} | "
+                      f"{s['split_server_cpu_seconds'] / s['colocated_cpu_seconds']:.2f}x |")
     if args.transport:
         results["transport"] = [_run([sys.executable, me, "--part=transport", f"--size={size}",
                                       f"--threads={args.threads}", *common]) for size in args.sizes.split(",") if size]

@@ -185,13 +185,7 @@ class WeightStore:
             load_s = time.perf_counter() - t0
             self.broken = None
             self._keep(sess)
-        self._count(sess, "ok")
-        if self.metrics is not None:
-            self.metrics.weight_version.set(self.engine.version)
-            self.metrics.weight_sync.labels(transport=sess.transport, phase="transfer").observe(transfer_s)
-            self.metrics.weight_sync.labels(transport=sess.transport, phase="load").observe(load_s)
-        return {"version": self.engine.version, "tensors": len(sess.tensors), "transfer_seconds": transfer_s,
-                "load_seconds": load_s}
+        return self._committed(sess, len(sess.tensors), transfer_s, load_s)
 
     def can_stream(self) -> bool:
         """A push may stream into the engine: streaming is on and a whole, good version is kept to roll back to
@@ -249,13 +243,16 @@ class WeightStore:
             raise
         finally:
             self.abort(session)
+        return {**self._committed(sess, count, transfer_s, load_s), "streamed": True}
+
+    def _committed(self, sess: _Session, count: int, transfer_s: float, load_s: float) -> dict:
         self._count(sess, "ok")
         if self.metrics is not None:
             self.metrics.weight_version.set(self.engine.version)
             self.metrics.weight_sync.labels(transport=sess.transport, phase="transfer").observe(transfer_s)
             self.metrics.weight_sync.labels(transport=sess.transport, phase="load").observe(load_s)
         return {"version": self.engine.version, "tensors": count, "transfer_seconds": transfer_s,
-                "load_seconds": load_s, "streamed": True}
+                "load_seconds": load_s}
 
     def _roll_back(self, sess: _Session, kept: Mapping[str, torch.Tensor], previous: int, exc: Exception) -> None:
         """The engine may hold part of the failed push: reload the kept version whole."""

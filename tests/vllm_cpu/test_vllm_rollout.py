@@ -232,6 +232,32 @@ def test_trainer_with_colocated_vllm(policy_dir, toy_tokenizer, toy_backbone_con
     assert [g[0][0] for g in out] == hf_greedy(trainer.policy, toy_tokenizer, ids)
 
 
+def _healthy_server(policy_dir, tmp_path, stream_load=False):
+    """A started, healthy `gprl serve-rollout` on a free port: (process, port, url, log)."""
+    from gprl.distributed import free_port
+
+    port = free_port()
+    url, log = f"http://127.0.0.1:{port}", tmp_path / "server.log"
+    proc = _start_server(policy_dir, port, log, stream_load=stream_load)
+    try:
+        _wait_healthy(url, proc, log)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, port, url, log
+
+
+def server_greedy(url, ids, tok, version):
+    """The server's greedy completions (8 tokens), checking they were made with weights of `version`."""
+    from gprl.serving.http import json_body, request
+
+    out = json_body(*request(url + "/generate", {"prompt_ids": ids, "n": 1, "temperature": 0.0, "max_tokens": 8,
+                                                  "stop_token_ids": [tok.eos_token_id],
+                                                  "min_version": version})[::2], "generate")
+    assert out["version"] == version
+    return [g[0]["token_ids"] for g in out["completions"]]
+
+
 def hf_manifest(policy_dir):
     from gprl.serving.weights import manifest_of
 
@@ -242,28 +268,19 @@ def test_gloo_sync_reloads_the_engine_like_an_http_push_and_a_restarted_server_r
                                                                                         tmp_path):
     """The same weights pushed over HTTP and over a gloo broadcast (gprl/serving/weight_sync.py) give the same
     greedy generations (= HF generate's); a replaced server joins a new group and is re-synced over gloo."""
-    from gprl.distributed import free_port
     from gprl.rollout.remote import RemoteRollout
     from gprl.rollout.tokens import encode_prompts
     from gprl.serving.http import json_body, request
     from gprl.serving.weight_sync import CollectiveSender, GroupChanged
 
     tok = toy_tokenizer
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    proc = _start_server(policy_dir, port, log)
+    proc, port, url, log = _healthy_server(policy_dir, tmp_path)
     ids = encode_prompts(tok, PROMPTS, 64)
 
     def greedy(version):
-        out = json_body(*request(url + "/generate", {"prompt_ids": ids, "n": 1, "temperature": 0.0, "max_tokens": 8,
-                                                      "stop_token_ids": [tok.eos_token_id],
-                                                      "min_version": version})[::2], "generate")
-        assert out["version"] == version
-        return [g[0]["token_ids"] for g in out["completions"]]
+        return server_greedy(url, ids, tok, version)
 
     try:
-        _wait_healthy(url, proc, log)
         model = hf_model(policy_dir)
         order = [n for n, _ in model.named_parameters()]
         perturb(model, seed=3)
@@ -302,46 +319,35 @@ def test_a_streamed_gloo_push_gives_the_same_generations_and_a_failed_one_reload
     """rollout.weightSync.streamLoad on a real vLLM engine: tensors go into the engine's reload while they arrive;
     the generations equal HF generate's on the pushed weights; a push refused part-way (NaN in a middle tensor, after
     the first tensors reached the engine) leaves the previous version's generations."""
-    from gprl.distributed import free_port
     from gprl.rollout.tokens import encode_prompts
-    from gprl.serving.http import ServerError, json_body, request
+    from gprl.serving.http import ServerError
     from gprl.serving.weight_sync import CollectiveSender
 
     tok = toy_tokenizer
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    proc = _start_server(policy_dir, port, log, stream_load=True)
+    proc, _, url, _ = _healthy_server(policy_dir, tmp_path, stream_load=True)
     ids = encode_prompts(tok, PROMPTS, 64)
 
-    def greedy(version):
-        out = json_body(*request(url + "/generate", {"prompt_ids": ids, "n": 1, "temperature": 0.0, "max_tokens": 8,
-                                                      "stop_token_ids": [tok.eos_token_id],
-                                                      "min_version": version})[::2], "generate")
-        assert out["version"] == version
-        return [g[0]["token_ids"] for g in out["completions"]]
-
     try:
-        _wait_healthy(url, proc, log)
         model = hf_model(policy_dir)
         order = [n for n, _ in model.named_parameters()]
         sender = CollectiveSender({})
         assert sender.form([url], hf_manifest(policy_dir)) == [url]
         perturb(model, seed=5)
         (out,) = sender.push(dict(model.named_parameters()), 1, order)
-        assert "streamed" not in out and greedy(1) == hf_greedy(model, tok, ids)  # staged: nothing kept before
+        # staged: nothing was kept before it
+        assert "streamed" not in out and server_greedy(url, ids, tok, 1) == hf_greedy(model, tok, ids)
         perturb(model, seed=6)
         (out,) = sender.push(dict(model.named_parameters()), 2, order)
         want = hf_greedy(model, tok, ids)
-        assert out["streamed"] and out["version"] == 2 and greedy(2) == want
+        assert out["streamed"] and out["version"] == 2 and server_greedy(url, ids, tok, 2) == want
         bad = {k: v.detach().clone() for k, v in hf_model(policy_dir).named_parameters()}
         bad[order[len(order) // 2]][0] = float("nan")
         with pytest.raises(ServerError, match="NaN"):
             sender.push(bad, 3, order)
-        assert greedy(2) == want  # the engine reloaded version 2
+        assert server_greedy(url, ids, tok, 2) == want  # the engine reloaded version 2
         perturb(model, seed=7)
         (out,) = sender.push(dict(model.named_parameters()), 3, order)
-        assert out["streamed"] and greedy(3) == hf_greedy(model, tok, ids) != want
+        assert out["streamed"] and server_greedy(url, ids, tok, 3) == hf_greedy(model, tok, ids) != want
     finally:
         proc.kill()
         proc.wait()
