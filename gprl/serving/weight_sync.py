@@ -58,10 +58,14 @@ class CollectiveReceiver:
         self.group_id: str | None = None  # the group of the latest join (reported at begin, checked at receive)
         self.backend = "gloo"
         self._receiving: dict[str, list[threading.Thread]] = {}
-        self._errors: dict[str, str | Exception] = {}
+        self._errors: dict[str, Exception] = {}  # why a session's push failed, raised at its commit
         self._commits: dict[str, threading.Event] = {}  # streamed sessions: set when the learner commits
         self._results: dict[str, dict] = {}
         self._joining: threading.Thread | None = None
+
+    @property
+    def _device(self) -> str:
+        return "cuda" if self.backend == "nccl" else "cpu"
 
     def join(self, host: str, port: int, rank: int, world_size: int, group_id: str, backend: str = "gloo",
              timeout_s: float = 60.0) -> None:
@@ -91,7 +95,7 @@ class CollectiveReceiver:
         if self.store.can_stream():
             self._receive_streaming(session)
             return
-        group, device = self.group, ("cuda" if self.backend == "nccl" else "cpu")
+        group, device = self.group, self._device
 
         def run():
             bad = None
@@ -100,13 +104,13 @@ class CollectiveReceiver:
                 try:
                     group.broadcast(t, 0).wait()
                 except Exception as exc:  # noqa: BLE001 - the group broke (the learner died): this push is over
-                    self._errors[session] = f"weight-sync group failed: {exc}"
+                    self._errors[session] = PushRejected(f"weight-sync group failed: {exc}")
                     return
                 if bad is None:
                     try:
                         self.store.stage(session, [(name, t)])
                     except Exception as exc:  # noqa: BLE001 - keep receiving: the broadcasts must all complete
-                        bad = str(exc)
+                        bad = exc if isinstance(exc, PushRejected) else PushRejected(str(exc))
             if bad is not None:
                 self._errors[session] = bad
 
@@ -118,7 +122,7 @@ class CollectiveReceiver:
         """Two threads: one receives the broadcasts into a queue, the other feeds the queue to `store.stream`, so
         tensor i+1 crosses the wire while the engine loads tensor i. The receiver completes every broadcast even
         after the load gave up (a collective must complete on every member)."""
-        group, device = self.group, ("cuda" if self.backend == "nccl" else "cpu")
+        group, device = self.group, self._device
         arrived: queue.Queue = queue.Queue()
         committed, gave_up = threading.Event(), threading.Event()
         self._commits[session] = committed
@@ -168,10 +172,8 @@ class CollectiveReceiver:
         for thread in self._receiving.pop(session, []):
             thread.join(timeout_s)  # the receiver too: its last broadcasts precede the next push's
         error = self._errors.pop(session, None)
-        if isinstance(error, Exception):
-            raise error
         if error is not None:
-            raise PushRejected(error)
+            raise error
         return self._results.pop(session, None)
 
 

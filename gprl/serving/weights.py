@@ -13,8 +13,8 @@ Every check runs before the engine is touched, so a refused push leaves the engi
 and version. A streamed push (`stream`, `rollout.weightSync.streamLoad`) instead feeds each checked tensor to the
 engine as it arrives, so the transfer overlaps the engine's load; the store then keeps the last committed push's
 tensors in host memory (one more copy of the model) and, when a streamed push fails part-way, reloads them: the
-engine again ends exactly on its previous weights and version. Sessions idle for longer than `ttl_s` expire and free their tensors; at most `max_sessions` are open
-(a new one evicts the oldest). If the engine's own load raises after the checks passed, its weights may be mixed:
+engine again ends exactly on its previous weights and version. Sessions idle for longer than `ttl_s` expire and
+free their tensors; at most `max_sessions` are open (a new one evicts the oldest). If the engine's own load raises after the checks passed, its weights may be mixed:
 the store marks itself broken (generation answers 503, /readyz fails) until a later push commits whole.
 """
 
@@ -137,13 +137,7 @@ class WeightStore:
         count = 0
         try:
             for name, t in tensors:
-                self._check(sess, name, t)
-                with self.lock:
-                    if self.sessions.get(session) is not sess:
-                        raise UnknownSession(f"unknown weight session {session} (expired or superseded)")
-                    sess.tensors[name] = t
-                    sess.nbytes += t.numel() * t.element_size()
-                    sess.touched = self.clock()
+                self._take(session, sess, name, t)
                 count += 1
         except (PushRejected, UnknownSession):
             self.abort(session)
@@ -162,11 +156,11 @@ class WeightStore:
             sess = self._get_locked(session)
             del self.sessions[session]  # whatever happens next, this session is over
             self._gauges()
-        missing = [n for n in self.manifest if n not in sess.tensors]
-        if missing:
+        try:
+            self._require_whole(sess)
+        except PushRejected:
             self._count(sess, "rejected")
-            raise PushRejected(f"incomplete push: {len(missing)} of {len(self.manifest)} tensors missing "
-                               f"(first: {', '.join(missing[:3])})")
+            raise
         transfer_s = self.clock() - sess.t0
         with self.commit_lock:
             if sess.version <= self.engine.version and not sess.rewind and self.broken is None:
@@ -185,7 +179,7 @@ class WeightStore:
             load_s = time.perf_counter() - t0
             self.broken = None
             self._keep(sess)
-        return self._committed(sess, len(sess.tensors), transfer_s, load_s)
+        return self._committed(sess, transfer_s, load_s)
 
     def can_stream(self) -> bool:
         """A push may stream into the engine: streaming is on and a whole, good version is kept to roll back to
@@ -207,19 +201,10 @@ class WeightStore:
         def checked():
             nonlocal transfer_s
             for name, t in incoming:
-                self._check(sess, name, t)
-                with self.lock:
-                    if self.sessions.get(session) is not sess:
-                        raise UnknownSession(f"unknown weight session {session} (expired or aborted)")
-                    sess.tensors[name] = t.to("cpu")  # the next rollback target, off the accelerator
-                    sess.nbytes += t.numel() * t.element_size()
-                    sess.touched = self.clock()
+                self._take(session, sess, name, t.to("cpu"))  # kept: the next rollback target, off the accelerator
                 yield name, t
             transfer_s = self.clock() - t0
-            missing = [n for n in self.manifest if n not in sess.tensors]
-            if missing:
-                raise PushRejected(f"incomplete push: {len(missing)} of {len(self.manifest)} tensors missing "
-                                   f"(first: {', '.join(missing[:3])})")
+            self._require_whole(sess)
 
         try:
             with self.commit_lock:
@@ -237,21 +222,37 @@ class WeightStore:
                                        f"reloaded version {previous}") from exc
                 load_s = time.perf_counter() - l0
                 self._keep(sess)
-                count = len(sess.tensors)
         except (PushRejected, StaleVersion, UnknownSession):
             self._count(sess, "rejected")
             raise
         finally:
             self.abort(session)
-        return {**self._committed(sess, count, transfer_s, load_s), "streamed": True}
+        return {**self._committed(sess, transfer_s, load_s), "streamed": True}
 
-    def _committed(self, sess: _Session, count: int, transfer_s: float, load_s: float) -> dict:
+    def _take(self, session: str, sess: _Session, name: str, t: torch.Tensor) -> None:
+        """Check one tensor of `session` and hold it (PushRejected / UnknownSession otherwise)."""
+        self._check(sess, name, t)
+        with self.lock:
+            if self.sessions.get(session) is not sess:
+                raise UnknownSession(f"unknown weight session {session} (expired, aborted or superseded)")
+            sess.tensors[name] = t
+            sess.nbytes += t.numel() * t.element_size()
+            sess.touched = self.clock()
+
+    def _require_whole(self, sess: _Session) -> None:
+        missing = [n for n in self.manifest if n not in sess.tensors]
+        if missing:
+            raise PushRejected(f"incomplete push: {len(missing)} of {len(self.manifest)} tensors missing "
+                               f"(first: {', '.join(missing[:3])})")
+
+    def _committed(self, sess: _Session, transfer_s: float, load_s: float) -> dict:
         self._count(sess, "ok")
         if self.metrics is not None:
             self.metrics.weight_version.set(self.engine.version)
             self.metrics.weight_sync.labels(transport=sess.transport, phase="transfer").observe(transfer_s)
             self.metrics.weight_sync.labels(transport=sess.transport, phase="load").observe(load_s)
-        return {"version": self.engine.version, "tensors": count, "transfer_seconds": transfer_s,
+        # a commit is whole: every manifest tensor (the session's own dict is cleared when it closes)
+        return {"version": self.engine.version, "tensors": len(self.manifest), "transfer_seconds": transfer_s,
                 "load_seconds": load_s}
 
     def _roll_back(self, sess: _Session, kept: Mapping[str, torch.Tensor], previous: int, exc: Exception) -> None:
