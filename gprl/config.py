@@ -334,7 +334,8 @@ class WeightSyncSpec(_Spec):
     timeout_seconds: float = Field(
         60.0, gt=0, le=3600,
         description="collective: how long the group may take to form (past it, this learner process pushes over "
-        "HTTP), and one tensor's broadcast (past it, that push goes over HTTP and the group re-forms).",
+        "HTTP), one tensor's broadcast (past it, that push goes over HTTP and the group re-forms), and a streamed "
+        "load's wait for the commit after its last tensor (past it, the server reloads its previous weights).",
     )
 
 

@@ -179,7 +179,7 @@ def build_server(engine: RolloutEngine, host: str = "127.0.0.1", port: int = 0, 
     receiver = CollectiveReceiver(store)
     add_routes(app, store, receiver)
     server = Server(guard(app), host, port, limits)
-    server.store, server.metrics = store, metrics  # type: ignore[attr-defined]
+    server.store, server.metrics, server.receiver = store, metrics, receiver  # type: ignore[attr-defined]
     return server
 
 

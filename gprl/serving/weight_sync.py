@@ -22,6 +22,7 @@ import hashlib
 import queue
 import secrets
 import threading
+import time
 from datetime import timedelta
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -62,6 +63,7 @@ class CollectiveReceiver:
         self._commits: dict[str, threading.Event] = {}  # streamed sessions: set when the learner commits
         self._results: dict[str, dict] = {}
         self._joining: threading.Thread | None = None
+        self.timeout_s = 60.0  # the group's: how long a collective (and a streamed load's wait for its commit) may take
 
     @property
     def _device(self) -> str:
@@ -73,7 +75,7 @@ class CollectiveReceiver:
         replaces the previous group (the learner re-formed it after a member restarted)."""
         import torch.distributed as dist
 
-        self.group, self.group_id = None, group_id
+        self.group, self.group_id, self.timeout_s = None, group_id, timeout_s
 
         def run():
             tcp = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))
@@ -91,6 +93,7 @@ class CollectiveReceiver:
             self._joining.join()
         if self.group is None or (group_id is not None and group_id != self.group_id):
             raise PushRejected(f"not in weight-sync group {group_id}: POST /weights/group first")
+        self._forget_finished()
         self.store.set_transport(session, "collective")
         if self.store.can_stream():
             self._receive_streaming(session)
@@ -122,7 +125,7 @@ class CollectiveReceiver:
         """Two threads: one receives the broadcasts into a queue, the other feeds the queue to `store.stream`, so
         tensor i+1 crosses the wire while the engine loads tensor i. The receiver completes every broadcast even
         after the load gave up (a collective must complete on every member)."""
-        group, device = self.group, self._device
+        group, device, timeout_s = self.group, self._device, self.timeout_s
         arrived: queue.Queue = queue.Queue()
         committed, gave_up = threading.Event(), threading.Event()
         self._commits[session] = committed
@@ -144,10 +147,16 @@ class CollectiveReceiver:
                 if isinstance(item, Exception):
                     raise item
                 yield name, item
-            # every tensor arrived: the load waits inside the engine for the learner's commit
+            # every tensor arrived: the load waits inside the engine for the learner's commit, which follows its last
+            # broadcast at once. A learner that died in between breaks no collective, so the wait is bounded by the
+            # group's timeout (not the session's idle expiry): generation resumes on the previous weights.
+            deadline = time.monotonic() + timeout_s
             while not committed.wait(0.2):
                 if session not in self.store.sessions:
                     raise PushRejected(f"weight session {session} aborted or expired before its commit")
+                if time.monotonic() > deadline:
+                    raise PushRejected(f"weight session {session}: no commit within the group's timeout "
+                                       f"({timeout_s:.0f}s) after its last tensor; the previous weights were reloaded")
 
         def load():
             try:
@@ -162,6 +171,16 @@ class CollectiveReceiver:
         self._receiving[session] = [loader, receiver]  # the load first: a commit must not wait on a stuck receive
         receiver.start()
         loader.start()
+
+    def _forget_finished(self) -> None:
+        """Drop what the receiver holds for sessions that ended without a commit (aborted, expired, or a learner
+        that died), once their threads are done: a run that never commits must not grow the server."""
+        for session in [s for s, threads in self._receiving.items()
+                        if s not in self.store.sessions and not any(t.is_alive() for t in threads)]:
+            self._receiving.pop(session, None)
+            self._commits.pop(session, None)
+            self._errors.pop(session, None)
+            self._results.pop(session, None)
 
     def finish(self, session: str, timeout_s: float = 600.0) -> dict | None:
         """Before a commit: wait for the session's tensors; a refused tensor refuses the commit. A streamed push

@@ -519,6 +519,59 @@ def test_a_streamed_gloo_push_overlaps_the_load_and_a_failed_one_rolls_back(poli
             s.shutdown(); s.server_close()
 
 
+def test_a_streamed_push_whose_commit_never_comes_reloads_within_the_group_timeout(policy):
+    """A learner that dies after its last tensor breaks no collective: the streamed load must give up after the
+    group's timeout (not the session's 300 s idle expiry), reload the previous weights, refuse a late commit, and
+    leave nothing of the session in the receiver."""
+    from gprl.serving.http import ServerError
+    from gprl.serving.rollout_server import build_server
+    from gprl.serving.weight_sync import CollectiveSender
+
+    start = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    engine = InPlaceEngine(start)
+    srv = build_server(engine, "127.0.0.1", 0, stream_load=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    order = list(FakeEngine.default_manifest)
+    w = [{k: torch.full(v.shape, float(i)) for k, v in start.items()} for i in range(3)]
+    try:
+        sender = CollectiveSender({}, timeout_s=2.0)
+        sender.form([url])
+        sender.push(w[1], 1, order)  # staged; version 1 is kept
+        sender.begin(2)
+        for name in order:
+            sender.send(w[2][name])
+        last = order[-1]
+
+        def wait_for(i):
+            t0 = time.monotonic()
+            while not torch.equal(engine.weights[last], w[i][last]) and time.monotonic() - t0 < 30:
+                time.sleep(0.02)
+            return time.monotonic() - t0
+
+        wait_for(2)  # the whole of version 2 is in the engine, waiting for a commit that does not come
+        waited = wait_for(1)  # then version 1 is reloaded: after the group's 2 s, not the session's 300 s
+        assert 1.0 < waited < 10, waited
+        assert engine.version == 1 and all(torch.equal(engine.weights[k], w[1][k]) for k in order)
+        with pytest.raises(ServerError, match="no commit within"):
+            sender.commit()
+        assert srv.receiver._receiving == {} and srv.receiver._commits == {} and srv.receiver._errors == {}
+        out = sender.push(w[2], 2, order)  # the group goes on
+        assert out[0]["version"] == 2 and engine.version == 2
+        # an aborted streamed push: rolled back to 2, and forgotten by the receiver at the next push
+        sender.begin(3)
+        for name in order:
+            sender.send(w[0][name])
+        wait_for(0)
+        sender.abort()
+        wait_for(2)
+        time.sleep(0.5)  # the load thread ends after its rollback
+        assert sender.push(w[1], 4, order)[0]["version"] == 4
+        assert srv.receiver._receiving == {} and srv.receiver._commits == {} and srv.receiver._errors == {}
+    finally:
+        srv.shutdown(); srv.server_close()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_finiteness_check_is_exact_when_the_sum_overflows(dtype):
     """The commit's NaN/inf check sums first: a finite tensor whose sum overflows must still pass, and a NaN or
