@@ -85,9 +85,12 @@ def run_one(variant: str, seed: int, out: Path, args) -> Path:
         "from pathlib import Path\n"
         "from gprl.demo import variant_spec\n"
         "from gprl.trainer import Trainer\n"
-        f"spec = variant_spec({variant!r}, json.loads(sys.argv[1]), Path({str(out)!r}), {seed}, {args.gpm!r})\n"
+        + (world_code(args.world_seed) if args.world_seed else "")
+        + f"spec = variant_spec({variant!r}, json.loads(sys.argv[1]), Path({str(out)!r}), {seed}, {args.gpm!r})\n"
         + (f"spec.algo.axis_spread_floor = {args.floor!r}\n" if args.floor is not None and variant == FLOOR_ROW else "")
-        + "Trainer(spec, log=lambda *a: None).train()\n"
+        + "trainer = Trainer(spec, log=lambda *a: None)\n"
+        + (inject_code(args) if args.inject else "")
+        + "trainer.train()\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     t0 = time.time()
@@ -95,6 +98,26 @@ def run_one(variant: str, seed: int, out: Path, args) -> Path:
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     print(f"  {variant} seed {seed}: {time.time() - t0:.0f}s", flush=True)
     return folder
+
+
+def world_code(seed: int) -> str:
+    """Make the run's `world:` sources another draw of the world (gprl_world.hook.WorldSources)."""
+    return (
+        "from gprl.sources import register_provider\n"
+        "from gprl_world.hook import WorldSources\n"
+        f"register_provider('world', lambda log: WorldSources(log, seed={seed}))\n"
+    )
+
+
+def inject_code(args) -> str:
+    """Wrap the run's GPM so that axis 0 favours (exploit) or penalises (patched) the world's exploit from a known
+    step on (gprl_world.inject)."""
+    onset, strength = (args.inject_at, args.inject_strength) if args.inject == "exploit" else (0, -args.inject_strength)
+    return (
+        "from gprl_world.inject import FEATURES, InjectedPreference\n"
+        f"trainer.gpm = InjectedPreference(trainer.gpm, FEATURES[{args.inject_feature!r}], lambda: trainer.step, "
+        f"onset={onset}, strength={strength!r})\n"
+    )
 
 
 def summarise(folder: Path, args) -> dict:
@@ -137,6 +160,17 @@ def main():
                     help="the k = 3 rows' GPM instead of world:gpm, e.g. world:gpm_aspects (gprl_world.spec.GPM_RECIPES)")
     ap.add_argument("--floor", type=float, default=None,
                     help="ρ (algo.axis_spread_floor) of the gprl_floor_observed row instead of its 0.25")
+    ap.add_argument("--inject", choices=["exploit", "patched"], default=None,
+                    help="exploit: from step --inject-at on, the GPM's axis 0 favours topic-word repeats past the "
+                         "oracle's saturation (a hack with a known onset); patched: from step 0 it penalises them (the "
+                         "world without its exploit: every trigger is a false positive). Use another --out.")
+    ap.add_argument("--inject-at", type=int, default=40)
+    ap.add_argument("--inject-feature", choices=["repeats", "filler"], default="repeats",
+                    help="what the hack favours: the world's exploit, or filler words (gprl_world.inject.FEATURES)")
+    ap.add_argument("--inject-strength", type=float, default=0.3, help="radians per repeat on axis 0 (≤ 3 repeats)")
+    ap.add_argument("--world-seed", type=int, default=0,
+                    help="another independent draw of the world (its SFT policy, pairs, GPM, BT and prompt split; the "
+                         "same oracle), built first (minutes) and cached. Use another --out.")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--report-only", action="store_true", help="tabulate the finished runs in --out, start none")
     args = ap.parse_args()
@@ -145,6 +179,13 @@ def main():
     if set(args.seeds) & set(args.dev_seeds):
         sys.exit(f"--seeds {args.seeds} overlap the development seeds {args.dev_seeds}: report on other seeds")
 
+    if args.world_seed and not args.report_only:  # built once, before the runs that share it
+        from gprl.sources import cache_dir
+        from gprl_world import build_world
+
+        t0 = time.time()
+        build_world(cache_dir=cache_dir() / "world", seed=args.world_seed, threads=args.jobs, log=lambda *a: None)
+        print(f"  world seed {args.world_seed}: built or found in {time.time() - t0:.0f}s", flush=True)
     jobs = [(v, s) for s in args.seeds for v in args.variants]  # seed-major: a partial grid has whole seeds
     rows = []
     if args.report_only:
@@ -188,27 +229,7 @@ def write_table(rows: list[dict], args, out: Path) -> None:
               f"{statistics.mean(r['releases'] for r in rs):.1f} | {statistics.mean(r['kl_coef_mean'] for r in rs):.3f} | "
               f"{ci([r['effective_kl'] for r in rs])} |"
         )
-    # the detector, read from the rows whose monitor only observes: when would it have fired, against when the
-    # exploit set in
-    det = []
-    for r in rows:
-        if r["variant"] in ("gprl_observed", "gprl_floor_observed", "gpm_scalar"):
-            first = r["triggers"][0] if r["triggers"] else None
-            det.append((r["variant"], r["seed"], r["triggers"], r["exploit_onset"], r.get("oracle_peak")))
-    if det:
-        lines += ["", "| observed row | seed | would-be triggers (step) | exploit onset | oracle peak | "
-                      "lead time to onset | lead time to peak |", "|---|---|---|---|---|---|---|"]
-        for v, s, trig, onset, peak in det:
-            first = trig[0] if trig else None
-            # the trigger that answers the exploit: the first at or after 10 steps before its onset
-            hit = next((t for t in trig if onset is not None and t >= onset - 10), None)
-            name = lambda x: "none" if x is None else str(x)  # noqa: E731
-            lines.append(f"| {v} | {s} | {', '.join(map(str, trig)) or 'none'} | {name(onset)} | {name(peak)} | "
-                         f"{'–' if hit is None or onset is None else onset - hit} | "
-                         f"{'–' if hit is None or peak is None else peak - hit} |")
-        early = sum(1 for _, _, trig, onset, _ in det for t in trig if onset is None or t < onset - 10)
-        lines += ["", f"Would-be triggers more than 10 steps before the exploit's onset (or in runs where it never "
-                      f"set in), i.e. false positives: {early} in {len(det)} observed runs × 120 steps."]
+    lines += detector_lines(rows, args)
     shares = [r["probe_share"] for r in rows if r["variant"] in ("gprl", "gprl_global_norm", "gpm_scalar_monitor")]
     if shares:
         lines += ["", f"Probe share of step time (monitored rows): {100 * statistics.mean(shares):.2f} % "
@@ -219,6 +240,70 @@ def write_table(rows: list[dict], args, out: Path) -> None:
         curves(rows, out)
     except Exception as exc:  # noqa: BLE001 - the table matters more than the figure
         print(f"(no figure: {exc})")
+
+
+OBSERVED = ("gprl_observed", "gprl_floor_observed", "gpm_scalar")
+
+
+def detector_lines(rows: list[dict], args) -> list[str]:
+    """The monitor as a detector, read from the rows whose monitor only observes (it computes everything and changes
+    nothing, so its would-be triggers can be set against when the hack set in and when the oracle's judgement of the
+    training samples peaked)."""
+    det = [r for r in rows if r["variant"] in OBSERVED]
+    if not det:
+        return []
+    name = lambda x: "none" if x is None else str(x)  # noqa: E731
+    if args.inject == "exploit":  # a hack with a known onset: it acts on the steps after --inject-at
+        at = args.inject_at
+        lines = ["", f"Hack switched on after step {at} ({args.inject_feature}, {args.inject_strength} rad per count "
+                     "on axis 0). Detection delay: first trigger after the onset − onset. Lead to the oracle's peak: "
+                     "peak − that trigger (positive: before the damage showed).", "",
+                 "| observed row | seed | would-be triggers (step) | oracle peak | detection delay | lead to peak | "
+                 "triggers before the onset |", "|---|---|---|---|---|---|---|"]
+        for r in det:
+            hit = next((t for t in r["triggers"] if t > at), None)
+            peak = r.get("oracle_peak")
+            lines.append(f"| {r['variant']} | {r['seed']} | {', '.join(map(str, r['triggers'])) or 'none'} | "
+                         f"{name(peak)} | {'missed' if hit is None else hit - at} | "
+                         f"{'–' if hit is None or peak is None else peak - hit} | "
+                         f"{sum(t <= at for t in r['triggers'])} |")
+        for v in [v for v in OBSERVED if any(r["variant"] == v for r in det)]:
+            rs = [r for r in det if r["variant"] == v]
+            delays = [next(t for t in r["triggers"] if t > at) - at for r in rs if any(t > at for t in r["triggers"])]
+            early = sum(t <= at for r in rs for t in r["triggers"])
+            lines += ["", f"{v}: detected in {len(delays)} of {len(rs)} runs"
+                          + (f", delay median {statistics.median(delays):.0f} steps (range {min(delays)}–{max(delays)})"
+                             if delays else "")
+                          + f"; {early} trigger(s) in {len(rs) * at} steps before the onset (false positives)."]
+        return lines
+    if args.inject == "patched":  # nothing to catch: every trigger is a false positive
+        lines = ["", "The world without its exploit (axis 0 penalises the repeats the oracle penalises, from step 0): "
+                     "every would-be trigger is a false positive.", "",
+                 "| observed row | seed | would-be triggers (step) | exploit @ end | oracle peak |", "|---|---|---|---|---|"]
+        for r in det:
+            last = r["evals"].get(args.long, {})
+            lines.append(f"| {r['variant']} | {r['seed']} | {', '.join(map(str, r['triggers'])) or 'none'} | "
+                         f"{last.get('policy_exploit', float('nan')):.2f} | {name(r.get('oracle_peak'))} |")
+        for v in [v for v in OBSERVED if any(r["variant"] == v for r in det)]:
+            rs = [r for r in det if r["variant"] == v]
+            n = sum(len(r["triggers"]) for r in rs)
+            lines += ["", f"{v}: {n} trigger(s) in {len(rs)} runs × {args.long} steps "
+                          f"({100 * n / (len(rs) * args.long):.2f} per 100 steps); runs with any: "
+                          f"{sum(bool(r['triggers']) for r in rs)} of {len(rs)}."]
+        return lines
+    # the world's own exploit: its onset read off afterwards (first step whose 10-step mean of repeats > 0.15)
+    lines = ["", "| observed row | seed | would-be triggers (step) | exploit onset | oracle peak | "
+                 "lead time to onset | lead time to peak |", "|---|---|---|---|---|---|---|"]
+    for r in det:
+        trig, onset, peak = r["triggers"], r["exploit_onset"], r.get("oracle_peak")
+        # the trigger that answers the exploit: the first at or after 10 steps before its onset
+        hit = next((t for t in trig if onset is not None and t >= onset - 10), None)
+        lines.append(f"| {r['variant']} | {r['seed']} | {', '.join(map(str, trig)) or 'none'} | {name(onset)} | "
+                     f"{name(peak)} | {'–' if hit is None or onset is None else onset - hit} | "
+                     f"{'–' if hit is None or peak is None else peak - hit} |")
+    early = sum(1 for r in det for t in r["triggers"] if r["exploit_onset"] is None or t < r["exploit_onset"] - 10)
+    return lines + ["", f"Would-be triggers more than 10 steps before the exploit's onset (or in runs where it never "
+                        f"set in), i.e. false positives: {early} in {len(det)} observed runs × {args.long} steps."]
 
 
 def curves(rows: list[dict], out: Path) -> None:

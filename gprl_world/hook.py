@@ -35,14 +35,14 @@ class _Models(Mapping):
     """The world's models by name: policy, gpm, bt, and the GPMs of other recipes (spec.GPM_RECIPES), each of
     those built only when a run asks for it (minutes, then cached)."""
 
-    def __init__(self, built: dict[str, str], cache, log: Callable[[str], None]):
-        self._built, self._cache, self._log = dict(built), cache, log
+    def __init__(self, built: dict[str, str], cache, log: Callable[[str], None], seed: int = 0):
+        self._built, self._cache, self._log, self._seed = dict(built), cache, log, seed
 
     def __getitem__(self, name: str) -> str:
         if name not in self._built:
             if name not in GPM_RECIPES:
                 raise KeyError(name)
-            world = build_world(cache_dir=self._cache, seed=0, spec=recipe_spec(name), log=self._log)
+            world = build_world(cache_dir=self._cache, seed=self._seed, spec=recipe_spec(name), log=self._log)
             self._built[name] = str(world.gpm_dir)
         return self._built[name]
 
@@ -57,14 +57,16 @@ class _Models(Mapping):
 
 
 class WorldSources:
-    """The built world as a `SourceProvider`."""
+    """The built world as a `SourceProvider`. `seed` draws another world (its own SFT policy, pairs, models and
+    prompt split; the same oracle): `register_provider("world", lambda log: WorldSources(log, seed=1))` makes a
+    process's `world:` sources that draw."""
 
-    def __init__(self, log: Callable[[str], None] = print):
+    def __init__(self, log: Callable[[str], None] = print, seed: int = 0):
         from gprl.sources import cache_dir
 
-        world = build_world(cache_dir=cache_dir() / "world", seed=0, log=log)
+        world = build_world(cache_dir=cache_dir() / "world", seed=seed, log=log)
         self.models = _Models({"policy": str(world.policy_dir), "gpm": str(world.gpm_dir), "bt": str(world.bt_dir)},
-                              cache_dir() / "world", log)
+                              cache_dir() / "world", log, seed)
         self.prompt_sets = {"prompts": (list(world.train_prompts), list(world.heldout_prompts))}
         self.judge = WorldJudge(Oracle(world.spec.oracle))
 
