@@ -151,13 +151,17 @@ def part_sync(args) -> dict:
     # after switching it on is staged (it leaves the version a failed streamed push would roll back to)
     server.store.stream_load = True
     sender.push(dict(model.named_parameters()), 300, order)
-    times, phases = [], []
+    # each repeat twice: into fresh buffers (the spare ones dropped first), and into the commit before last's
+    times, fresh, phases = [], [], []
     for v in range(args.repeats):
-        t0 = time.perf_counter(); out = sender.push(dict(model.named_parameters()), 301 + v, order)
-        times.append(time.perf_counter() - t0)
-        assert out[0].get("streamed"), out
+        for reuse in (False, True):
+            if not reuse:
+                server.store.spare = {}
+            t0 = time.perf_counter(); out = sender.push(dict(model.named_parameters()), 301 + 2 * v + reuse, order)
+            (times if reuse else fresh).append(time.perf_counter() - t0)
+            assert out[0].get("streamed"), out
         phases.append((out[0]["transfer_seconds"], out[0]["load_seconds"]))
-    res["gloo_streamed_seconds"] = statistics.median(times)
+    res["gloo_streamed_seconds"], res["gloo_streamed_fresh_seconds"] = statistics.median(times), statistics.median(fresh)
     # the server's own account of the last streamed push: begin → last tensor, and the engine's (overlapping) reload
     res["gloo_streamed_server_transfer_seconds"], res["gloo_streamed_server_load_seconds"] = phases[-1]
     if args.sender_process:
@@ -501,11 +505,12 @@ def main() -> None:
     if results.get("sync"):
         print("\n## Weight sync learner → vLLM engine (float32)\n")
         print("| size | params | MB | colocated reload_weights (s) | HTTP buckets to serve-rollout (s) | gloo group, "
-              "staged (s) | gloo group, streamed (s) | staged / colocated | streamed / colocated |\n"
-              "|---|---|---|---|---|---|---|---|---|")
+              "staged (s) | gloo group, streamed into fresh buffers (s) | gloo group, streamed (s) | staged / colocated | "
+              "streamed / colocated |\n|---|---|---|---|---|---|---|---|---|---|")
         for s in results["sync"]:
             print(f"| {s['size']} | {s['params'] / 1e6:.1f}M | {s['bytes'] / 2**20:.0f} | {s['colocated_seconds']:.3f} | "
-                  f"{s['http_seconds']:.3f} | {s['gloo_seconds']:.3f} | {s['gloo_streamed_seconds']:.3f} | "
+                  f"{s['http_seconds']:.3f} | {s['gloo_seconds']:.3f} | {s.get('gloo_streamed_fresh_seconds', float('nan')):.3f} | "
+                  f"{s['gloo_streamed_seconds']:.3f} | "
                   f"{s['gloo_seconds'] / s['colocated_seconds']:.2f}x | "
                   f"{s['gloo_streamed_seconds'] / s['colocated_seconds']:.2f}x |")
         if any("split_streamed_seconds" in s for s in results["sync"]):

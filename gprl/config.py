@@ -329,7 +329,9 @@ class WeightSyncSpec(_Spec):
         False,
         description="collective: each server loads every tensor into its engine as it arrives, so the transfer "
         "overlaps the engine's reload; a server then keeps the last committed weights in host memory (one more copy "
-        "of the model) and reloads them if a push fails part-way. false: a server stages the whole push, then loads.",
+        "of the model) and reloads them if a push fails part-way, and receives each push into the buffers of the "
+        "commit before last (between pushes two copies; the peak during one stays two). false: a server stages the "
+        "whole push, then loads.",
     )
     timeout_seconds: float = Field(
         60.0, gt=0, le=3600,

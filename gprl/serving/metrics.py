@@ -38,7 +38,8 @@ class RolloutMetrics(ServerMetrics):
         self.weight_staged_bytes = Gauge("gprl_rollout_weight_staged_bytes", "bytes held by open push sessions",
                                          registry=r)
         self.weight_kept_bytes = Gauge("gprl_rollout_weight_kept_bytes", "bytes of the last committed weights kept "
-                                       "in host memory to roll a failed streamed push back (streamLoad)",
+                                       "in host memory to roll a failed streamed push back, and of the commit before "
+                                       "last's, the next push's receive buffers (streamLoad)",
                                        registry=r)
         self.weight_sessions_expired = Counter("gprl_rollout_weight_sessions_expired",
                                                "push sessions dropped unfinished (idle past their TTL, or evicted)",

@@ -102,8 +102,8 @@ class CollectiveReceiver:
 
         def run():
             bad = None
-            for name, spec in self.store.manifest.items():
-                t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+            for name in self.store.manifest:
+                t = self.store.buffer(name, device)
                 try:
                     group.broadcast(t, 0).wait()
                 except Exception as exc:  # noqa: BLE001 - the group broke (the learner died): this push is over
@@ -131,8 +131,8 @@ class CollectiveReceiver:
         self._commits[session] = committed
 
         def receive():
-            for spec in self.store.manifest.values():
-                t = torch.empty(spec.shape, dtype=spec.dtype, device=device)
+            for name in self.store.manifest:
+                t = self.store.buffer(name, device)
                 try:
                     group.broadcast(t, 0).wait()
                 except Exception as exc:  # noqa: BLE001 - the group broke (the learner died): this push is over

@@ -59,7 +59,8 @@ def _finite(t: torch.Tensor) -> bool:
 class WeightEngine(Protocol):
     version: int
 
-    def load_weights(self, weights: Iterable, version: int) -> None: ...
+    def load_weights(self, weights: Iterable, version: int) -> None:
+        """Copy the (name, tensor) pairs into the engine's weights: the store reuses the tensors' memory later."""
 
 
 class PushRejected(ValueError):
@@ -107,6 +108,9 @@ class WeightStore:
         self.stream_load = stream_load
         # stream_load: the last committed push's tensors (on the CPU), what a failed streamed push reloads
         self.kept: dict[str, torch.Tensor] | None = None
+        # stream_load: the commit before last's tensors, no longer needed, received into again: fresh buffers cost
+        # page faults on every push (~0.17 s/GB here), and the peak (kept + incoming) stays two model copies
+        self.spare: dict[str, torch.Tensor] = {}
         self.largest_tensor_bytes = max(s.nbytes for s in self.manifest.values())
         self.model_bytes = sum(s.nbytes for s in self.manifest.values())
         self._gauges()
@@ -263,15 +267,28 @@ class WeightStore:
             self.broken = (f"a streamed push of version {sess.version} failed ({type(exc).__name__}: {exc}) and "
                            f"reloading version {previous} failed too ({type(again).__name__}: {again}); waiting "
                            f"for a complete push")
-            self.kept = None
+            self.kept, self.spare = None, {}
             self._gauges()
             self._count(sess, "failed")
             raise again from exc
 
+    def buffer(self, name: str, device: str = "cpu") -> torch.Tensor:
+        """Where to receive tensor `name` of a collective push: a spare buffer of the commit before last when there
+        is one, else new memory."""
+        spec = self.manifest[name]
+        with self.lock:
+            t = self.spare.pop(name, None) if device == "cpu" else None
+        if t is not None and t.shape == spec.shape and t.dtype == spec.dtype:
+            return t
+        return torch.empty(spec.shape, dtype=spec.dtype, device=device)
+
     def _keep(self, sess: _Session) -> None:
-        """After a commit: with streaming on, its tensors are the next rollback target (the old ones are freed)."""
+        """After a commit: with streaming on, its tensors are the next rollback target, and the old ones the next
+        push's receive buffers."""
         if self.stream_load:
-            self.kept = {n: t.to("cpu") for n, t in sess.tensors.items()}
+            old, self.kept = self.kept, {n: t.to("cpu") for n, t in sess.tensors.items()}
+            with self.lock:
+                self.spare = dict(old or {})
             self._gauges()
 
     def abort(self, session: str) -> None:
@@ -339,7 +356,8 @@ class WeightStore:
         if self.metrics is not None:
             self.metrics.weight_sessions.set(len(self.sessions))
             self.metrics.weight_staged_bytes.set(self.staged_bytes)
-            self.metrics.weight_kept_bytes.set(self.model_bytes if self.kept is not None else 0)
+            self.metrics.weight_kept_bytes.set((self.model_bytes if self.kept is not None else 0)
+                                               + sum(t.numel() * t.element_size() for t in list(self.spare.values())))
             self.metrics.weight_version.set(self.engine.version)
 
     def _count(self, sess: _Session, result: str) -> None:

@@ -519,6 +519,41 @@ def test_a_streamed_gloo_push_overlaps_the_load_and_a_failed_one_rolls_back(poli
             s.shutdown(); s.server_close()
 
 
+def test_streamed_pushes_receive_into_the_buffers_of_the_commit_before_last(policy):
+    """The commit before last's tensors are no longer a rollback target: the next push is received into them (no
+    fresh memory, no page faults), the engine still ends on each pushed version, and a refused push still reloads
+    the last committed one bitwise."""
+    from gprl.serving.http import ServerError
+    from gprl.serving.rollout_server import build_server
+    from gprl.serving.weight_sync import CollectiveSender
+
+    start = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    engine = InPlaceEngine(start)
+    srv = build_server(engine, "127.0.0.1", 0, stream_load=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    order = list(FakeEngine.default_manifest)
+    w = [{k: torch.full(v.shape, float(i)) for k, v in start.items()} for i in range(6)]
+    ptrs = lambda: {n: t.data_ptr() for n, t in srv.store.kept.items()}  # noqa: E731
+    try:
+        sender = CollectiveSender({})
+        sender.form([url])
+        kept = []
+        for v in (1, 2, 3, 4):  # 1 staged, then streamed
+            sender.push(w[v], v, order)
+            kept.append(ptrs())
+            assert engine.version == v and all(torch.equal(engine.weights[k], w[v][k]) for k in order)
+            assert all(torch.equal(srv.store.kept[k], w[v][k]) for k in order)
+        assert kept[2] == kept[0] and kept[3] == kept[1]  # 3 into 1's memory, 4 into 2's
+        bad = dict(w[5]); bad[order[-1]] = bad[order[-1]].clone(); bad[order[-1]][0] = float("nan")
+        with pytest.raises(ServerError, match="NaN"):
+            sender.push(bad, 5, order)
+        assert engine.version == 4 and all(torch.equal(engine.weights[k], w[4][k]) for k in order)
+        assert sender.push(w[5], 5, order)[0]["version"] == 5 and torch.equal(engine.weights[order[0]], w[5][order[0]])
+    finally:
+        srv.shutdown(); srv.server_close()
+
+
 def test_a_streamed_push_whose_commit_never_comes_reloads_within_the_group_timeout(policy):
     """A learner that dies after its last tensor breaks no collective: the streamed load must give up after the
     group's timeout (not the session's 300 s idle expiry), reload the previous weights, refuse a late commit, and

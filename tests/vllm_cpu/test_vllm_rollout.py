@@ -347,7 +347,12 @@ def test_a_streamed_gloo_push_gives_the_same_generations_and_a_failed_one_reload
         assert server_greedy(url, ids, tok, 2) == want  # the engine reloaded version 2
         perturb(model, seed=7)
         (out,) = sender.push(dict(model.named_parameters()), 3, order)
-        assert out["streamed"] and server_greedy(url, ids, tok, 3) == hf_greedy(model, tok, ids) != want
+        want3 = hf_greedy(model, tok, ids)
+        assert out["streamed"] and server_greedy(url, ids, tok, 3) == want3 != want
+        # received into the buffers of the commit before last (version 2's): the engine must have copied them
+        perturb(model, seed=8)
+        (out,) = sender.push(dict(model.named_parameters()), 4, order)
+        assert out["streamed"] and server_greedy(url, ids, tok, 4) == hf_greedy(model, tok, ids) != want3
     finally:
         proc.kill()
         proc.wait()
