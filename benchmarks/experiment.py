@@ -143,7 +143,8 @@ def summarise(folder: Path, args) -> dict:
         # the KL term's weight relative to the policy-gradient term's scale (mean |A| differs with k and normalisation)
         "effective_kl": statistics.mean(r["applied_control"]["kl_coef"] / max(r["advantage_abs_mean"], 1e-9) for r in steps),
         "probe_share": sum(r["timings"].get("probe", 0.0) for r in steps) / sum(r["step_seconds"] for r in steps),
-        "curves": {k: [r.get(k) for r in steps] for k in ("exploit", "win_rate_lead", "triggered", "kl_coef")},
+        "curves": {k: [r.get(k) for r in steps]
+                   for k in ("exploit", "win_rate_lead", "triggered", "kl_coef", "kl", "entropy")},
     }
 
 
@@ -229,6 +230,7 @@ def write_table(rows: list[dict], args, out: Path) -> None:
               f"{statistics.mean(r['releases'] for r in rs):.1f} | {statistics.mean(r['kl_coef_mean'] for r in rs):.3f} | "
               f"{ci([r['effective_kl'] for r in rs])} |"
         )
+    lines += paired_lines(rows, steps)
     lines += detector_lines(rows, args)
     shares = [r["probe_share"] for r in rows if r["variant"] in ("gprl", "gprl_global_norm", "gpm_scalar_monitor")]
     if shares:
@@ -243,6 +245,46 @@ def write_table(rows: list[dict], args, out: Path) -> None:
 
 
 OBSERVED = ("gprl_observed", "gprl_floor_observed", "gpm_scalar")
+# (row, its twin): the same run but for one part; paired by seed (same data order, evaluation prompts and samples)
+PAIRS = [("gprl", "gprl_observed", "the monitor, on GPRL"), ("gpm_scalar_monitor", "gpm_scalar", "the monitor, on the scalar GPM"),
+         ("gpm_scalar", "grpo_bt", "the GPM against BT (GRPO on both)"),
+         ("gprl_observed", "gpm_scalar", "per-axis against scalar normalisation"),
+         ("gprl_global_norm", "gprl", "global against per-axis normalisation (both with the monitor)")]
+
+
+def paired_lines(rows: list[dict], steps: list[int]) -> list[str]:
+    """Oracle win-rate differences of twin rows, paired by seed, mean ± 95 % interval."""
+    lines = []
+    for a, b, what in PAIRS:
+        by = {v: {r["seed"]: r for r in rows if r["variant"] == v} for v in (a, b)}
+        seeds = sorted(set(by[a]) & set(by[b]))
+        if len(seeds) < 2:
+            continue
+        if not lines:
+            lines = ["", "Paired by seed, oracle win rate of a row minus its twin's:", "",
+                     "| effect of | rows | " + " | ".join(f"@ {s}" for s in steps) + f" | per seed @ {steps[-1]} |",
+                     "|---|---|" + "---|" * len(steps) + "---|"]
+        diff = lambda s, k: by[a][k]["evals"][s]["oracle_win_rate"] - by[b][k]["evals"][s]["oracle_win_rate"]  # noqa: E731
+        lines.append(f"| {what} | {a} − {b} | " + " | ".join(ci([diff(s, k) for k in seeds]) for s in steps)
+                     + " | " + ", ".join(f"{diff(steps[-1], k):+.3f}" for k in seeds) + " |")
+    return lines
+
+
+def change_alarms(series: list[float], sign: int, window: int = 20, smooth: int = 5, z: float = 3.0) -> list[int]:
+    """Steps where a plain change detector on a training statistic starts firing: the mean of the last `smooth` steps
+    leaves the mean of the `window` steps before them by more than z of their standard deviations, in direction
+    `sign` (+1: rises, as the KL to the reference does under a hack; −1: falls, as the entropy does). Conventional
+    settings, not tuned here: the baseline the drift monitor is compared against (issue 14: KL and entropy signals
+    are known to fire only after the damage)."""
+    alarms, firing = [], False
+    for t in range(window + smooth, len(series) + 1):
+        past, now = series[t - smooth - window : t - smooth], series[t - smooth : t]
+        sd = statistics.pstdev(past) or 1e-12
+        high = sign * (statistics.mean(now) - statistics.mean(past)) > z * sd
+        if high and not firing:
+            alarms.append(t)  # steps are 1-based: series[t - 1] is step t
+        firing = high
+    return alarms
 
 
 def detector_lines(rows: list[dict], args) -> list[str]:
@@ -260,21 +302,32 @@ def detector_lines(rows: list[dict], args) -> list[str]:
                      "peak − that trigger (positive: before the damage showed).", "",
                  "| observed row | seed | would-be triggers (step) | oracle peak | detection delay | lead to peak | "
                  "triggers before the onset |", "|---|---|---|---|---|---|---|"]
+        lines[-2] = lines[-2].replace("triggers before the onset |", "triggers before the onset | KL alarm: delay, "
+                                      "before onset | entropy alarm: delay, before onset |")
+        lines[-1] += "---|---|"
+        delay = lambda trig: next((t - at for t in trig if t > at), None)  # noqa: E731
         for r in det:
-            hit = next((t for t in r["triggers"] if t > at), None)
-            peak = r.get("oracle_peak")
+            hit, peak = delay(r["triggers"]), r.get("oracle_peak")
+            kl, ent = (change_alarms(r["curves"][k], sign) for k, sign in (("kl", 1), ("entropy", -1)))
+            cell = lambda a: f"{'missed' if delay(a) is None else delay(a)}, {sum(t <= at for t in a)}"  # noqa: E731
             lines.append(f"| {r['variant']} | {r['seed']} | {', '.join(map(str, r['triggers'])) or 'none'} | "
-                         f"{name(peak)} | {'missed' if hit is None else hit - at} | "
-                         f"{'–' if hit is None or peak is None else peak - hit} | "
-                         f"{sum(t <= at for t in r['triggers'])} |")
+                         f"{name(peak)} | {'missed' if hit is None else hit} | "
+                         f"{'–' if hit is None or peak is None else peak - at - hit} | "
+                         f"{sum(t <= at for t in r['triggers'])} | {cell(kl)} | {cell(ent)} |")
         for v in [v for v in OBSERVED if any(r["variant"] == v for r in det)]:
             rs = [r for r in det if r["variant"] == v]
-            delays = [next(t for t in r["triggers"] if t > at) - at for r in rs if any(t > at for t in r["triggers"])]
-            early = sum(t <= at for r in rs for t in r["triggers"])
-            lines += ["", f"{v}: detected in {len(delays)} of {len(rs)} runs"
-                          + (f", delay median {statistics.median(delays):.0f} steps (range {min(delays)}–{max(delays)})"
-                             if delays else "")
-                          + f"; {early} trigger(s) in {len(rs) * at} steps before the onset (false positives)."]
+            for what, alarms in (("drift monitor", [r["triggers"] for r in rs]),
+                                 ("KL alarm", [change_alarms(r["curves"]["kl"], 1) for r in rs]),
+                                 ("entropy alarm", [change_alarms(r["curves"]["entropy"], -1) for r in rs])):
+                delays = [d for d in map(delay, alarms) if d is not None]
+                lead = [r["oracle_peak"] - at - d for r, d in zip(rs, map(delay, alarms))
+                        if d is not None and r.get("oracle_peak") is not None]
+                early = sum(t <= at for a in alarms for t in a)
+                lines += ["", f"{v}, {what}: detected in {len(delays)} of {len(rs)} runs"
+                              + (f", delay median {statistics.median(delays):.0f} steps (range {min(delays)}–"
+                                 f"{max(delays)}), before the oracle's peak in {sum(x > 0 for x in lead)} of {len(lead)}"
+                                 if delays else "")
+                              + f"; {early} alarm(s) in {len(rs) * at} steps before the onset (false positives)."]
         return lines
     if args.inject == "patched":  # nothing to catch: every trigger is a false positive
         lines = ["", "The world without its exploit (axis 0 penalises the repeats the oracle penalises, from step 0): "
@@ -286,10 +339,13 @@ def detector_lines(rows: list[dict], args) -> list[str]:
                          f"{last.get('policy_exploit', float('nan')):.2f} | {name(r.get('oracle_peak'))} |")
         for v in [v for v in OBSERVED if any(r["variant"] == v for r in det)]:
             rs = [r for r in det if r["variant"] == v]
-            n = sum(len(r["triggers"]) for r in rs)
-            lines += ["", f"{v}: {n} trigger(s) in {len(rs)} runs × {args.long} steps "
-                          f"({100 * n / (len(rs) * args.long):.2f} per 100 steps); runs with any: "
-                          f"{sum(bool(r['triggers']) for r in rs)} of {len(rs)}."]
+            for what, alarms in (("drift monitor", [r["triggers"] for r in rs]),
+                                 ("KL alarm", [change_alarms(r["curves"]["kl"], 1) for r in rs]),
+                                 ("entropy alarm", [change_alarms(r["curves"]["entropy"], -1) for r in rs])):
+                n = sum(map(len, alarms))
+                lines += ["", f"{v}, {what}: {n} alarm(s) in {len(rs)} runs × {args.long} steps "
+                              f"({100 * n / (len(rs) * args.long):.2f} per 100 steps); runs with any: "
+                              f"{sum(map(bool, alarms))} of {len(rs)}."]
         return lines
     # the world's own exploit: its onset read off afterwards (first step whose 10-step mean of repeats > 0.15)
     lines = ["", "| observed row | seed | would-be triggers (step) | exploit onset | oracle peak | "
