@@ -1,11 +1,12 @@
 """Every command the docs name exists and answers `--help`.
 
-The commands are read from the docs themselves (README.md, docs/**/*.md: fenced blocks and inline code) and from the
+The commands are read from the docs themselves (README.md, BENCHMARKS.md, docs/**/*.md: fenced blocks and inline code) and from the
 Makefile's recipes, so a new mention is covered without touching this file:
 
 - `gprl <command> [<subcommand>]` -> the command is registered and `gprl ... --help` exits 0;
 - `make <target>` -> the Makefile has the target and `make -n <target>` (a dry run) succeeds;
-- `python -m gprl...` / `python -m gprl_operator` / `python -m benchmarks...` -> `--help` exits 0.
+- `python -m gprl...` / `python -m gprl_operator` / `python -m benchmarks...` -> `--help` exits 0;
+- `python <script>.py --flag …` for a script of this repository -> its `--help` exits 0 and lists every flag named.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 from gprl import cli
 
 REPO = Path(__file__).resolve().parents[2]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+DOCS = [REPO / "README.md", REPO / "BENCHMARKS.md", *sorted((REPO / "docs").rglob("*.md"))]
 MAKEFILE = REPO / "Makefile"
 OWN_MODULES = re.compile(r"^(gprl(\.[a-z_]+)*|gprl_operator|benchmarks(\.[a-z_]+)*)$")
 WORD = re.compile(r"^[a-z][a-z0-9-]*$")
@@ -54,12 +55,12 @@ def shell_commands(snippet: str) -> list[list[str]]:
     return out
 
 
-def documented() -> tuple[dict, dict, dict]:
-    """(gprl command paths, make targets, python modules) -> the first place each is named."""
+def documented() -> tuple[dict, dict, dict, dict]:
+    """(gprl command paths, make targets, python modules, (script, flags)) -> the first place each is named."""
     sources = [(p, code_snippets(p.read_text())) for p in DOCS]
     # the Makefile's recipes (lines starting with a tab) are commands too
     sources.append((MAKEFILE, [ln for ln in MAKEFILE.read_text().splitlines() if ln.startswith("\t")]))
-    gprl_cmds, make_targets, modules = {}, {}, {}
+    gprl_cmds, make_targets, modules, scripts = {}, {}, {}, {}
     for path, snippets in sources:
         where = str(path.relative_to(REPO))
         for snippet in snippets:
@@ -77,10 +78,14 @@ def documented() -> tuple[dict, dict, dict]:
                 elif re.match(r"^(.*/)?python[0-9.]*$", head) and len(words) > 2 and words[1] == "-m" \
                         and OWN_MODULES.match(words[2]):
                     modules.setdefault(words[2], where)
-    return gprl_cmds, make_targets, modules
+                elif re.match(r"^(.*/)?python[0-9.]*$", head) and len(words) > 1 and words[1].endswith(".py") \
+                        and (REPO / words[1]).is_file():
+                    flags = {w.split("=")[0] for w in words[2:] if re.match(r"^--[a-z][a-z0-9-]*", w)}
+                    scripts.setdefault(words[1], {}).setdefault(where, set()).update(flags)
+    return gprl_cmds, make_targets, modules, scripts
 
 
-GPRL_CMDS, MAKE_TARGETS, MODULES = documented()
+GPRL_CMDS, MAKE_TARGETS, MODULES, SCRIPTS = documented()
 
 
 def _resolve(words: tuple[str, ...]) -> list[str]:
@@ -141,3 +146,14 @@ def test_python_module_help(module):
                        timeout=120)
     assert r.returncode == 0 and "usage" in r.stdout.lower(), \
         f"`python -m {module} --help` (named in {MODULES[module]}) failed: {r.stderr[-2000:]}"
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_python_script_help_lists_the_documented_flags(script):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and "usage" in r.stdout.lower(), f"`python {script} --help` failed: {r.stderr[-2000:]}"
+    for where, flags in SCRIPTS[script].items():
+        missing = sorted(f for f in flags if not re.search(re.escape(f) + r"\b", r.stdout))
+        assert not missing, f"{where} runs `python {script}` with {missing}, which its --help does not list"
