@@ -287,6 +287,13 @@ def change_alarms(series: list[float], sign: int, window: int = 20, smooth: int 
     return alarms
 
 
+def alarm_sets(rs: list[dict]) -> list[tuple[str, list[list[int]]]]:
+    """Per detector, its alarm steps in each run: the drift monitor's triggers and the KL and entropy change alarms."""
+    return [("drift monitor", [r["triggers"] for r in rs]),
+            ("KL alarm", [change_alarms(r["curves"]["kl"], 1) for r in rs]),
+            ("entropy alarm", [change_alarms(r["curves"]["entropy"], -1) for r in rs])]
+
+
 def detector_lines(rows: list[dict], args) -> list[str]:
     """The monitor as a detector, read from the rows whose monitor only observes (it computes everything and changes
     nothing, so its would-be triggers can be set against when the hack set in and when the oracle's judgement of the
@@ -316,9 +323,7 @@ def detector_lines(rows: list[dict], args) -> list[str]:
                          f"{sum(t <= at for t in r['triggers'])} | {cell(kl)} | {cell(ent)} |")
         for v in [v for v in OBSERVED if any(r["variant"] == v for r in det)]:
             rs = [r for r in det if r["variant"] == v]
-            for what, alarms in (("drift monitor", [r["triggers"] for r in rs]),
-                                 ("KL alarm", [change_alarms(r["curves"]["kl"], 1) for r in rs]),
-                                 ("entropy alarm", [change_alarms(r["curves"]["entropy"], -1) for r in rs])):
+            for what, alarms in alarm_sets(rs):
                 delays = [d for d in map(delay, alarms) if d is not None]
                 lead = [r["oracle_peak"] - at - d for r, d in zip(rs, map(delay, alarms))
                         if d is not None and r.get("oracle_peak") is not None]
@@ -339,9 +344,7 @@ def detector_lines(rows: list[dict], args) -> list[str]:
                          f"{last.get('policy_exploit', float('nan')):.2f} | {name(r.get('oracle_peak'))} |")
         for v in [v for v in OBSERVED if any(r["variant"] == v for r in det)]:
             rs = [r for r in det if r["variant"] == v]
-            for what, alarms in (("drift monitor", [r["triggers"] for r in rs]),
-                                 ("KL alarm", [change_alarms(r["curves"]["kl"], 1) for r in rs]),
-                                 ("entropy alarm", [change_alarms(r["curves"]["entropy"], -1) for r in rs])):
+            for what, alarms in alarm_sets(rs):
                 n = sum(map(len, alarms))
                 lines += ["", f"{v}, {what}: {n} alarm(s) in {len(rs)} runs × {args.long} steps "
                               f"({100 * n / (len(rs) * args.long):.2f} per 100 steps); runs with any: "

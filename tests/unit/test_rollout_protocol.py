@@ -519,20 +519,25 @@ def test_a_streamed_gloo_push_overlaps_the_load_and_a_failed_one_rolls_back(poli
             s.shutdown(); s.server_close()
 
 
-def test_streamed_pushes_receive_into_the_buffers_of_the_commit_before_last(policy):
-    """The commit before last's tensors are no longer a rollback target: the next push is received into them (no
-    fresh memory, no page faults), the engine still ends on each pushed version, and a refused push still reloads
-    the last committed one bitwise."""
-    from gprl.serving.http import ServerError
+def _streaming_server(policy):
+    """A loopback serve-rollout with streamed loads into an InPlaceEngine holding the policy's weights."""
     from gprl.serving.rollout_server import build_server
-    from gprl.serving.weight_sync import CollectiveSender
 
     start = {k: v.detach().clone() for k, v in policy.named_parameters()}
     engine = InPlaceEngine(start)
     srv = build_server(engine, "127.0.0.1", 0, stream_load=True)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    order = list(FakeEngine.default_manifest)
+    return start, engine, srv, f"http://127.0.0.1:{srv.server_address[1]}", list(FakeEngine.default_manifest)
+
+
+def test_streamed_pushes_receive_into_the_buffers_of_the_commit_before_last(policy):
+    """The commit before last's tensors are no longer a rollback target: the next push is received into them (no
+    fresh memory, no page faults), the engine still ends on each pushed version, and a refused push still reloads
+    the last committed one bitwise."""
+    from gprl.serving.http import ServerError
+    from gprl.serving.weight_sync import CollectiveSender
+
+    start, engine, srv, url, order = _streaming_server(policy)
     w = [{k: torch.full(v.shape, float(i)) for k, v in start.items()} for i in range(6)]
     ptrs = lambda: {n: t.data_ptr() for n, t in srv.store.kept.items()}  # noqa: E731
     try:
@@ -559,15 +564,9 @@ def test_a_streamed_push_whose_commit_never_comes_reloads_within_the_group_timeo
     group's timeout (not the session's 300 s idle expiry), reload the previous weights, refuse a late commit, and
     leave nothing of the session in the receiver."""
     from gprl.serving.http import ServerError
-    from gprl.serving.rollout_server import build_server
     from gprl.serving.weight_sync import CollectiveSender
 
-    start = {k: v.detach().clone() for k, v in policy.named_parameters()}
-    engine = InPlaceEngine(start)
-    srv = build_server(engine, "127.0.0.1", 0, stream_load=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
-    order = list(FakeEngine.default_manifest)
+    start, engine, srv, url, order = _streaming_server(policy)
     w = [{k: torch.full(v.shape, float(i)) for k, v in start.items()} for i in range(3)]
     try:
         sender = CollectiveSender({}, timeout_s=2.0)
