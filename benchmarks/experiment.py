@@ -168,7 +168,7 @@ def main():
     ap.add_argument("--inject-at", type=int, default=40)
     ap.add_argument("--inject-feature", choices=["repeats", "filler"], default="repeats",
                     help="what the hack favours: the world's exploit, or filler words (gprl_world.inject.FEATURES)")
-    ap.add_argument("--inject-strength", type=float, default=0.3, help="radians per repeat on axis 0 (≤ 3 repeats)")
+    ap.add_argument("--inject-strength", type=float, default=0.3, help="radians per count of the feature on axis 0 (≤ 3 counts)")
     ap.add_argument("--world-seed", type=int, default=0,
                     help="another independent draw of the world (its SFT policy, pairs, GPM, BT and prompt split; the "
                          "same oracle), built first (minutes) and cached. Use another --out.")
@@ -308,19 +308,17 @@ def detector_lines(rows: list[dict], args) -> list[str]:
                      "on axis 0). Detection delay: first trigger after the onset − onset. Lead to the oracle's peak: "
                      "peak − that trigger (positive: before the damage showed).", "",
                  "| observed row | seed | would-be triggers (step) | oracle peak | detection delay | lead to peak | "
-                 "triggers before the onset |", "|---|---|---|---|---|---|---|"]
-        lines[-2] = lines[-2].replace("triggers before the onset |", "triggers before the onset | KL alarm: delay, "
-                                      "before onset | entropy alarm: delay, before onset |")
-        lines[-1] += "---|---|"
+                 "triggers before the onset | KL alarm: delay, before onset | entropy alarm: delay, before onset |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         delay = lambda trig: next((t - at for t in trig if t > at), None)  # noqa: E731
         for r in det:
-            hit, peak = delay(r["triggers"]), r.get("oracle_peak")
-            kl, ent = (change_alarms(r["curves"][k], sign) for k, sign in (("kl", 1), ("entropy", -1)))
+            (_, [trig]), (_, [kl]), (_, [ent]) = alarm_sets([r])
+            hit, peak = delay(trig), r.get("oracle_peak")
             cell = lambda a: f"{'missed' if delay(a) is None else delay(a)}, {sum(t <= at for t in a)}"  # noqa: E731
-            lines.append(f"| {r['variant']} | {r['seed']} | {', '.join(map(str, r['triggers'])) or 'none'} | "
+            lines.append(f"| {r['variant']} | {r['seed']} | {', '.join(map(str, trig)) or 'none'} | "
                          f"{name(peak)} | {'missed' if hit is None else hit} | "
                          f"{'–' if hit is None or peak is None else peak - at - hit} | "
-                         f"{sum(t <= at for t in r['triggers'])} | {cell(kl)} | {cell(ent)} |")
+                         f"{sum(t <= at for t in trig)} | {cell(kl)} | {cell(ent)} |")
         for v in [v for v in OBSERVED if any(r["variant"] == v for r in det)]:
             rs = [r for r in det if r["variant"] == v]
             for what, alarms in alarm_sets(rs):

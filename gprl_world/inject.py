@@ -74,6 +74,6 @@ class InjectedPreference:
         out = self.gpm.score(tokenizer, prompts, responses, **kwargs)
         if not self.active():
             return out
-        repeats = [min(self.feature(p, r), self.cap) for p, r in zip(prompts, responses)]
-        angles = self.strength * torch.tensor(repeats, dtype=out.embeddings.dtype, device=out.embeddings.device)
+        counts = [min(self.feature(p, r), self.cap) for p, r in zip(prompts, responses)]
+        angles = self.strength * torch.tensor(counts, dtype=out.embeddings.dtype, device=out.embeddings.device)
         return type(out)(rotate_axis(out.embeddings, self.axis, angles), out.eigenvalues)

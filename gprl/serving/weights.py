@@ -13,9 +13,11 @@ Every check runs before the engine is touched, so a refused push leaves the engi
 and version. A streamed push (`stream`, `rollout.weightSync.streamLoad`) instead feeds each checked tensor to the
 engine as it arrives, so the transfer overlaps the engine's load; the store then keeps the last committed push's
 tensors in host memory (one more copy of the model) and, when a streamed push fails part-way, reloads them: the
-engine again ends exactly on its previous weights and version. Sessions idle for longer than `ttl_s` expire and
-free their tensors; at most `max_sessions` are open (a new one evicts the oldest). If the engine's own load raises after the checks passed, its weights may be mixed:
-the store marks itself broken (generation answers 503, /readyz fails) until a later push commits whole.
+engine again ends exactly on its previous weights and version; the commit before last's tensors are the next
+collective push's receive buffers. Sessions idle for longer than `ttl_s` expire and free their tensors; at most
+`max_sessions` are open (a new one evicts the oldest). If the engine's own load raises after the checks passed, its
+weights may be mixed: the store marks itself broken (generation answers 503, /readyz fails) until a later push
+commits whole.
 """
 
 from __future__ import annotations
@@ -275,11 +277,11 @@ class WeightStore:
     def buffer(self, name: str, device: str = "cpu") -> torch.Tensor:
         """Where to receive tensor `name` of a collective push: a spare buffer of the commit before last when there
         is one, else new memory."""
-        spec = self.manifest[name]
         with self.lock:
             t = self.spare.pop(name, None) if device == "cpu" else None
-        if t is not None and t.shape == spec.shape and t.dtype == spec.dtype:
+        if t is not None:  # it passed the manifest's shape and dtype check when it was received
             return t
+        spec = self.manifest[name]
         return torch.empty(spec.shape, dtype=spec.dtype, device=device)
 
     def _keep(self, sess: _Session) -> None:
