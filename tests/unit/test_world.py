@@ -266,14 +266,19 @@ def test_build_world_is_cached(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_world_has_the_designed_properties(tmp_path):
-    """The real build (minutes): an SFT policy that reads the prompt yet varies on every axis, labels
-    that mostly follow the oracle, the exploit's footprint in the pairs, and models above chance."""
+def test_default_world_has_the_designed_properties():
+    """The default world every run uses: an SFT policy that reads the prompt yet varies on every axis,
+    labels that mostly follow the oracle, the exploit's footprint in the pairs, and models above chance.
+
+    It is read from the shared cache the README's run and the end-to-end tests use (built here, minutes,
+    when absent): its key holds the settings, the vocabulary and WORLD_VERSION, so a change to what a
+    build makes misses it. Building a second copy in a temporary folder was a sixth of the suite's time;
+    the build itself stays covered (`test_build_is_deterministic`, `test_build_world_is_cached`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gprl_world.policy import sample_responses
 
-    w = build_world(tmp_path, seed=0, log=lambda m: None)
+    w = build_world(seed=0, log=lambda m: None)
     sft = w.info["sft"]
     assert sft["policy_axes"]["relevance"] > 0.15  # it reads the topic from the prompt
     tok = AutoTokenizer.from_pretrained(w.policy_dir)
