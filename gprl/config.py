@@ -147,6 +147,13 @@ class ModelSpec(_Spec):
         True, description="Apply the policy tokenizer's chat template to prompts when it has one."
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Optional LoRA adapters.")
+    share_prompt: bool = Field(
+        True,
+        description="Run each prompt once and hand its keys and values to the group's G responses, in HF "
+        "generation's prefill and in the reference and policy passes, instead of running it G times (the same "
+        "numbers up to float rounding; the update's micro-batches then hold whole groups). Off for a policy whose "
+        "forward takes no KV cache. The policy's update pass does not share under learner.gradientCheckpointing.",
+    )
 
 
 class DataSpec(_Spec):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from gprl.algo.per_axis import pairwise_axis_scores, pairwise_scores
+from gprl.prefix import distinct_prompts, forward_shared_prefix
 
 HEADS_FILE = "gpm_heads.safetensors"
 CONFIG_FILE = "gpm_config.json"
@@ -123,6 +124,23 @@ class GeneralPreferenceModel(nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return GPMOutput(self.embed(hidden[rows, response_last]), self.gate(hidden[rows, prompt_last]))
 
+    @property
+    def causal(self) -> bool:
+        """Does every attention layer of the backbone look only backwards? Then a prompt's hidden states do not depend
+        on its response, and one pass of each prompt can serve all its responses (an encoder's cannot)."""
+        flags = [m.is_causal for m in self.backbone.modules() if isinstance(getattr(m, "is_causal", None), bool)]
+        return bool(flags) and all(flags)
+
+    def forward_shared(self, input_ids: Tensor, attention_mask: Tensor, prompt_cols: int, response_last: Tensor) -> GPMOutput:
+        """The same outputs as forward with each distinct prompt run once (gprl.prefix). input_ids, attention_mask:
+        (N, P + R), prompts left-padded to P columns, then right-padded responses of at least one token;
+        response_last: (N,) column of each row's last response token."""
+        first, inverse = distinct_prompts(input_ids[:, :prompt_cols], attention_mask[:, :prompt_cols])
+        head, rest = forward_shared_prefix(self.backbone, input_ids, attention_mask, prompt_cols, first, inverse)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        response_hidden = rest.last_hidden_state[rows, response_last - prompt_cols]
+        return GPMOutput(self.embed(response_hidden), self.gate(head.last_hidden_state[:, -1])[inverse])
+
     @torch.no_grad()
     def score(
         self,
@@ -131,15 +149,23 @@ class GeneralPreferenceModel(nn.Module):
         responses: Sequence[str | Sequence[int]],
         batch_size: int = 32,
         max_length: int = 1024,
+        share_prompt: bool = True,
     ) -> GPMOutput:
-        """Embeddings and eigenvalues of (prompt, response) pairs: one backbone pass per response."""
+        """Embeddings and eigenvalues of (prompt, response) pairs, batch_size pairs per backbone pass. With a causal
+        backbone and `share_prompt`, a pass runs each of its distinct prompts once (a group's G responses share
+        theirs) and the responses after them; otherwise each pair's prompt + response."""
         device = next(self.parameters()).device
+        share = share_prompt and self.causal
         outs = []
         for start in range(0, len(prompts), batch_size):
-            batch = encode_pairs(
-                tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size], max_length
-            )
-            outs.append(self(**{k: t.to(device) for k, t in batch.items()}))
+            pairs = [pair_tokens(tokenizer, p, r, max_length)
+                     for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size])]
+            if share and all(r for _, r in pairs):
+                enc = shared_layout(pairs, _pad_id(tokenizer))
+                outs.append(self.forward_shared(enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                                enc["prompt_cols"], enc["response_last"].to(device)))
+            else:
+                outs.append(self(**{k: t.to(device) for k, t in pair_layout(pairs, _pad_id(tokenizer)).items()}))
         return GPMOutput(
             torch.cat([o.embeddings for o in outs]).float(), torch.cat([o.eigenvalues for o in outs]).float()
         )
@@ -161,37 +187,58 @@ def _ids(tokenizer, text: str | Sequence[int]) -> list[int]:
     return list(text)
 
 
-def encode_pairs(tokenizer, prompts, responses, max_length: int = 1024) -> dict[str, Tensor]:
-    """Right-padded prompt+response(+eos) ids with the index of the last prompt and last response token.
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    Prompts are left-truncated so the response always fits; an empty response scores at its eos token.
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+def pair_tokens(tokenizer, prompt, response, max_length: int = 1024) -> tuple[list[int], list[int]]:
+    """The prompt's and the response's (+eos) ids, the prompt left-truncated so the response always fits; an empty
+    prompt becomes bos (or pad), an empty response its eos."""
     eos = tokenizer.eos_token_id
-    rows, p_last, r_last = [], [], []
-    for prompt, response in zip(prompts, responses):
-        p, r = _ids(tokenizer, prompt), _ids(tokenizer, response)
-        if eos is not None and (not r or r[-1] != eos):
-            r = r + [eos]
-        r = r[: max_length - 1]
-        p = p[-(max_length - len(r)) :] if p else []
-        if not p:
-            p = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad]
-        rows.append(p + r)
-        p_last.append(len(p) - 1)
-        r_last.append(len(p) + len(r) - 1)
-    width = max(len(x) for x in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
+    p, r = _ids(tokenizer, prompt), _ids(tokenizer, response)
+    if eos is not None and (not r or r[-1] != eos):
+        r = r + [eos]
+    r = r[: max_length - 1]
+    p = p[-(max_length - len(r)) :] if p else []
+    if not p:
+        p = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else _pad_id(tokenizer)]
+    return p, r
+
+
+def pair_layout(pairs: Sequence[tuple[list[int], list[int]]], pad: int) -> dict[str, Tensor]:
+    """Right-padded prompt+response ids with the index of the last prompt and last response token."""
+    width = max(len(p) + len(r) for p, r in pairs)
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, : len(p) + len(r)] = 1
     return {
         "input_ids": ids,
         "attention_mask": mask,
-        "prompt_last": torch.tensor(p_last),
-        "response_last": torch.tensor(r_last),
+        "prompt_last": torch.tensor([len(p) - 1 for p, _ in pairs]),
+        "response_last": torch.tensor([len(p) + len(r) - 1 for p, r in pairs]),
     }
+
+
+def shared_layout(pairs: Sequence[tuple[list[int], list[int]]], pad: int) -> dict:
+    """Prompts left-padded to one width P, then right-padded responses (RolloutBatch's layout), with P and the
+    column of each row's last response token."""
+    P, R = max(len(p) for p, _ in pairs), max(len(r) for _, r in pairs)
+    ids = torch.full((len(pairs), P + R), pad, dtype=torch.long)
+    mask = torch.zeros((len(pairs), P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(pairs):
+        ids[i, P - len(p) : P + len(r)] = torch.tensor(p + r)
+        mask[i, P - len(p) : P + len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "prompt_cols": P,
+            "response_last": torch.tensor([P + len(r) - 1 for _, r in pairs])}
+
+
+def encode_pairs(tokenizer, prompts, responses, max_length: int = 1024) -> dict[str, Tensor]:
+    """Right-padded prompt+response(+eos) ids with the index of the last prompt and last response token (pair_tokens
+    says how the pair is cut)."""
+    return pair_layout([pair_tokens(tokenizer, p, r, max_length) for p, r in zip(prompts, responses)],
+                       _pad_id(tokenizer))
 
 
 def _load_authors_layout(path: Path, dtype: torch.dtype) -> GeneralPreferenceModel:

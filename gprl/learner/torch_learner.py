@@ -12,16 +12,37 @@ from torch import Tensor
 from gprl.algo import policy_loss
 from gprl.algo.drift import Control
 from gprl.config import RunSpec
+from gprl.prefix import distinct_prompts, forward_shared_prefix, positions_of
 from gprl.rollout.base import RolloutBatch
 
 
-def sequence_logprobs(model, batch: RolloutBatch, rows: slice | Tensor, temperature: float, with_entropy: bool = False):
+def _logits(model, ids: Tensor, mask: Tensor, prompt_cols: int, share_prompt: bool) -> Tensor:
+    """Logits at the last prompt column and the response columns but the last (those predicting response tokens),
+    (n, width, vocab), width = ids.shape[1] - prompt_cols. With `share_prompt` each distinct prompt runs once
+    (gprl.prefix): a micro-batch of whole groups computes its prompts 1/G as often."""
+    width = ids.shape[1] - prompt_cols
+    if share_prompt:
+        first, inverse = distinct_prompts(ids[:, :prompt_cols], mask[:, :prompt_cols])
+        share_prompt = len(first) < len(inverse)
+    if not share_prompt:
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
+                     logits_to_keep=width + 1).logits[:, :-1]
+    # the last response column predicts nothing: the rest runs up to the one before
+    head, rest = forward_shared_prefix(model, ids, mask, prompt_cols, first, inverse, stop=prompt_cols + width - 1,
+                                       prefix_kwargs={"logits_to_keep": 1}, rest_kwargs={"logits_to_keep": width - 1})
+    logits = head.logits[inverse]
+    return logits if rest is None else torch.cat([logits, rest.logits], dim=1)
+
+
+def sequence_logprobs(model, batch: RolloutBatch, rows: slice | Tensor, temperature: float, with_entropy: bool = False,
+                      share_prompt: bool = False):
     """Per-token log-probs (and entropies) of the response tokens in rows of the batch. Returns (n, T) tensors.
 
     Only what the rows need is computed: leading columns that are padding in every row (left-padded prompts) and
-    response columns past every row's end are cut before the forward pass, and the logits are computed for the
-    response positions only (`logits_to_keep`), not the prompt's. Causal attention makes the kept positions' outputs
-    the same as on the full width; the cut response columns come back as zeros (the response mask is 0 there).
+    response columns past every row's end are cut before the forward pass, the logits are computed for the
+    response positions only (`logits_to_keep`), not the prompt's, and with `share_prompt` each distinct prompt of
+    the rows runs once (see _logits). Causal attention makes the kept positions' outputs the same as on the full
+    width; the cut response columns come back as zeros (the response mask is 0 there).
 
     log p(y) = logit_y - logsumexp(logits): no (n, T, vocab) log-softmax is kept for the backward pass, and the
     entropy (a statistic, no gradient) is computed in chunks of rows, so the vocabulary-sized temporaries stay
@@ -33,9 +54,8 @@ def sequence_logprobs(model, batch: RolloutBatch, rows: slice | Tensor, temperat
     first = min(first, P - 1)  # the last prompt column's logits predict the first response token: always kept
     width = max(1, int(batch.response_mask[rows].sum(dim=1).max()))
     ids, mask = ids[:, first : P + width], mask[:, first : P + width]
-    positions = (mask.cumsum(dim=1) - 1).clamp_min(0)  # left padding: positions as in generation
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=width + 1).logits
-    logits = logits[:, :-1].float() / temperature  # position P-1+t predicts response token t
+    logits = _logits(model, ids, mask, P - first, share_prompt)
+    logits = logits.float() / temperature  # position P-1+t predicts response token t
     taken = logits.gather(-1, ids[:, P - first :].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     pad = lambda t: torch.nn.functional.pad(t, (0, T - width))  # noqa: E731
     if not with_entropy:
@@ -90,24 +110,34 @@ class FrozenPasses:
     def forward_model(self):
         return self.policy
 
+    def _share_prompt(self, grad: bool) -> bool:
+        """Run each prompt once per micro-batch? Not in a checkpointed backward: recomputing a layer would append to
+        the shared cache a second time."""
+        return self.spec.model.share_prompt and not (grad and self.spec.learner.gradient_checkpointing)
+
     def _micro_batches(self, batch: RolloutBatch) -> list[Tensor]:
-        """Row indices of each micro-batch: the rows sorted by their length (prompt + response), so that each
-        micro-batch holds rows of similar length and sequence_logprobs cuts the padding the others would bring.
-        The micro-batches' gradients still sum to the batch's (the loss weights each by its share)."""
+        """Row indices of each micro-batch. Rows of similar length go together, so that sequence_logprobs cuts the
+        padding the others would bring: sorted by length, or, when prompts are shared, whole groups sorted by their
+        longest row (a micro-batch of whole groups runs each prompt once). The micro-batches' gradients still sum
+        to the batch's (the loss weights each by its share)."""
         n, size = batch.sequences.shape[0], self.spec.algo.micro_batch_size
-        order = torch.argsort(batch.attention_mask.sum(dim=1), stable=True)  # on the batch's device
+        length = batch.attention_mask.sum(dim=1)
+        if self._share_prompt(grad=False) and n % batch.group_size == 0:
+            longest = length.view(-1, batch.group_size).amax(dim=1).repeat_interleave(batch.group_size)
+            length = longest * (n + 1) + torch.arange(n, device=length.device) // batch.group_size
+        order = torch.argsort(length, stable=True)  # on the batch's device
         return [order[i : i + size] for i in range(0, n, size)]
 
     @torch.no_grad()
     def _frozen_logprobs(self, model_or_none, batch: RolloutBatch) -> Tensor:
-        temp = self.spec.rollout.temperature
+        temp, share = self.spec.rollout.temperature, self._share_prompt(grad=False)
         out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=batch.sequences.device)
         for rows in self._micro_batches(batch):
             if model_or_none is None:
                 with self.policy.disable_adapter():
-                    out[rows] = sequence_logprobs(self.forward_model, batch, rows, temp)[0]
+                    out[rows] = sequence_logprobs(self.forward_model, batch, rows, temp, share_prompt=share)[0]
             else:
-                out[rows] = sequence_logprobs(model_or_none, batch, rows, temp)[0]
+                out[rows] = sequence_logprobs(model_or_none, batch, rows, temp, share_prompt=share)[0]
         return out
 
     def reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
@@ -124,7 +154,7 @@ class FrozenPasses:
         share + [entropy summed over the micro-batch's tokens / total_tokens])."""
         algo = self.spec.algo
         logp, entropy = sequence_logprobs(self.forward_model, batch, rows, self.spec.rollout.temperature,
-                                          with_entropy=True)
+                                          with_entropy=True, share_prompt=self._share_prompt(grad=True))
         device = logp.device
         m = mask[rows].to(device)
         stats = policy_loss(

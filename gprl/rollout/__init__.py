@@ -19,4 +19,5 @@ def make_rollout(spec, policy, tokenizer, learner=None):
 
         return VLLMRollout.colocated(spec, policy, tokenizer, learner=learner)
     zero3 = spec.learner.backend == "deepspeed" and spec.learner.zero_stage == 3
-    return HFRollout(policy, tokenizer, ro, spec.data.max_prompt_tokens, synced_gpus=zero3)
+    return HFRollout(policy, tokenizer, ro, spec.data.max_prompt_tokens, synced_gpus=zero3,
+                     share_prompt=spec.model.share_prompt)

@@ -7,15 +7,18 @@ from typing import Sequence
 import torch
 
 from gprl.config import RolloutSpec
+from gprl.prefix import CACHE_ARG, positions_of
 from gprl.rollout.base import RolloutBatch
 
 
 class HFRollout:
-    def __init__(self, model, tokenizer, spec: RolloutSpec, max_prompt_tokens: int = 256, synced_gpus: bool = False):
+    def __init__(self, model, tokenizer, spec: RolloutSpec, max_prompt_tokens: int = 256, synced_gpus: bool = False,
+                 share_prompt: bool = True):
         self.model = model  # shares the learner's weights: nothing to sync
         self.tokenizer = tokenizer
         self.spec = spec
         self.max_prompt_tokens = max_prompt_tokens
+        self.share_prompt = share_prompt
         self.version = 0
         # ZeRO-3: every forward gathers parameters collectively, so all ranks must run the same number of decoding
         # steps (transformers keeps stepping finished ranks when this is set).
@@ -46,16 +49,18 @@ class HFRollout:
         # decoding step (5-10 % of a small policy's generation on a CPU; the same kernels, so the same samples).
         # Not under ZeRO-3, whose hooks gather parameters into tensors that must stay usable by autograd. The batch's
         # tensors are built below, outside it: the update's forward saves the token ids for its backward pass.
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         with torch.no_grad() if self.synced_gpus else torch.inference_mode():
+            rows = {"input_ids": ids, "attention_mask": mask, "num_return_sequences": group_size}
+            if self.share_prompt and group_size > 1 and ids.shape[1] > 1:
+                rows = self._shared_prefill(ids, mask, group_size)
             out = self.model.generate(
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=enc["attention_mask"].to(device),
+                **rows,
                 do_sample=True,
                 temperature=self.spec.temperature,
                 top_p=self.spec.top_p,
                 top_k=self.spec.top_k,
                 max_new_tokens=self.spec.max_new_tokens,
-                num_return_sequences=group_size,
                 pad_token_id=tok.pad_token_id,
                 eos_token_id=tok.eos_token_id,
                 **({"synced_gpus": True} if self.synced_gpus else {}),
@@ -65,7 +70,7 @@ class HFRollout:
         response = out[:, width:]
         response_mask = _until_eos(response, tok.eos_token_id)
         response = torch.where(response_mask.bool(), response, torch.full_like(response, tok.pad_token_id))
-        prompt_mask = enc["attention_mask"].to(device).repeat_interleave(group_size, dim=0)
+        prompt_mask = mask.repeat_interleave(group_size, dim=0)
         texts = tok.batch_decode(response, skip_special_tokens=True)
         return RolloutBatch(
             prompts=[p for p in prompts for _ in range(group_size)],
@@ -77,6 +82,18 @@ class HFRollout:
             group_size=group_size,
             policy_version=self.version,
         )
+
+    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor, group_size: int) -> dict:
+        """generate's inputs with each prompt but its last token already run once, its cache repeated for the G rows:
+        `generate` would run the whole prompt G times in its prefill. The rows are those num_return_sequences makes
+        (prompt-major), so the sampler draws the same random numbers; generate runs the last prompt token of every row
+        and samples on from there."""
+        head = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions_of(mask[:, :-1]),
+                          use_cache=True, logits_to_keep=1)
+        cache = getattr(head, "cache", None) or head.past_key_values
+        cache.batch_repeat_interleave(group_size)
+        return {"input_ids": ids.repeat_interleave(group_size, dim=0),
+                "attention_mask": mask.repeat_interleave(group_size, dim=0), CACHE_ARG: cache}
 
 
 def _until_eos(response: torch.Tensor, eos_id: int | None) -> torch.Tensor:

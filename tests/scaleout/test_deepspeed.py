@@ -46,11 +46,14 @@ def test_two_ranks_match_torch_learner(tiny_assets, warm_deepspeed, tmp_path, st
     for g, w in zip(got["stats"], want_stats):
         for key in ("loss", "policy_loss", "kl", "clip_fraction", "entropy", "grad_norm", "learning_rate"):
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-5), (key, g, w)
+    # Adam moves each weight by about lr·g/|g| (lr 5e-3): where g is ~0, the float rounding of another summation
+    # order (other micro-batches, prompts shared per micro-batch) moves a weight by a fraction of lr; a wrong row,
+    # share or reduction moves many by ~lr. So the weights agree to 1 % of lr.
     for name, w in want_state.items():
         if name not in got["state"]:
             assert name.endswith("lm_head.weight")
             continue
-        torch.testing.assert_close(got["state"][name], w.float(), rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got["state"][name], w.float(), rtol=1e-4, atol=5e-5, msg=lambda m: f"{name}: {m}")
     # the weights did move (else the comparison says nothing)
     from transformers import AutoModelForCausalLM
 

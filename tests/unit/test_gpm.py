@@ -246,3 +246,35 @@ def test_gpm_train_cli_takes_the_aspect_and_decorrelation_terms(tiny_assets, tmp
     with pytest.raises(SystemExit):
         main([*base, "--out", str(tmp_path / "never"), "--decorrelation", "-1"])
     assert "--decorrelation: must be a number >= 0, got -1" in capsys.readouterr().err
+
+
+def test_scoring_with_each_prompt_run_once_changes_no_number(toy_tokenizer, toy_backbone_config):
+    """Groups of responses to the same prompt (prompts and responses of several lengths, batches that cut a group):
+    one pass per distinct prompt then the responses on its cache gives each pair's own full pass's embeddings and
+    eigenvalues; an encoder backbone, whose prompt sees the response, is scored pair by pair."""
+    from transformers import BertConfig
+
+    torch.manual_seed(0)
+    gpm = GeneralPreferenceModel.from_backbone_config(toy_backbone_config, GPMConfig(axes=3)).eval()
+    torch.nn.init.normal_(gpm.eigenvalue_gate.weight, std=1.0)  # λ depends on the prompt
+    assert gpm.causal
+    groups = [("which wins", ["rock good", "paper", "scissors good good the a"]), ("rock", ["x", "paper of y"]),
+              ("the a of and rock paper", ["good", "rock scissors", "z w"])]
+    prompts = [p for p, rs in groups for _ in rs]
+    responses = [r for _, rs in groups for r in rs]
+    passes = []
+    gpm.backbone.embed_tokens.register_forward_hook(lambda m, args, out: passes.append(tuple(args[0].shape)))
+    for batch_size in (8, 3):
+        passes.clear()
+        want = gpm.score(toy_tokenizer, prompts, responses, batch_size=batch_size, share_prompt=False)
+        assert len(passes) == -(-8 // batch_size)  # one pass of prompt + response per batch
+        passes.clear()
+        got = gpm.score(toy_tokenizer, prompts, responses, batch_size=batch_size)
+        assert len(passes) == 2 * -(-8 // batch_size) and passes[0][0] == (3 if batch_size == 8 else 1)
+        torch.testing.assert_close(got.embeddings, want.embeddings, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.eigenvalues, want.eigenvalues, rtol=1e-5, atol=1e-5)
+    assert want.eigenvalues[0].sub(want.eigenvalues[3]).abs().max() > 1e-3  # the prompts' λ differ
+
+    bert = BertConfig(vocab_size=len(toy_tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64)
+    assert not GeneralPreferenceModel.from_backbone_config(bert, GPMConfig(axes=3)).causal

@@ -1,23 +1,31 @@
 """HFRollout: in-process generation on a tiny locally built policy."""
 
+import pytest
 import torch
 
 from gprl.config import RolloutSpec
 from gprl.rollout.hf import HFRollout
 
 
-def test_generation_samples_what_plain_generate_samples_and_trains(tiny_assets, toy_tokenizer):
-    """HFRollout runs `generate` in inference mode (cheaper per decoding step): at a fixed seed it must sample exactly
-    the tokens of a plain no-grad `generate` with the same settings, and its token ids must feed a backward pass
-    (inference-mode tensors cannot be saved for one)."""
+@pytest.mark.parametrize("share_prompt", [True, False], ids=["prompt-once", "prompt-per-row"])
+def test_generation_samples_what_plain_generate_samples_and_trains(tiny_assets, toy_tokenizer, share_prompt):
+    """HFRollout runs `generate` in inference mode (cheaper per decoding step), and by default each prompt's prefill
+    once for its G rows: at a fixed seed it must sample exactly the tokens of a plain no-grad `generate` with the
+    same settings, and its token ids must feed a backward pass (inference-mode tensors cannot be saved for one)."""
     from transformers import AutoModelForCausalLM
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_assets / "policy")
     prompts = ["rock", "which wins y", "the rock wins"]  # different lengths: left padding in the batch
     G, new = 4, 8
-    rollout = HFRollout(policy, toy_tokenizer, RolloutSpec(max_new_tokens=new, temperature=0.9))
+    rollout = HFRollout(policy, toy_tokenizer, RolloutSpec(max_new_tokens=new, temperature=0.9),
+                        share_prompt=share_prompt)
+    passes = []
+    hook = policy.model.embed_tokens.register_forward_hook(lambda m, args, out: passes.append(tuple(args[0].shape)))
     torch.manual_seed(7)
     batch = rollout.generate(prompts, G)
+    hook.remove()
+    # the prefill: 3 prompts but their last token once, then that token in each of the 12 rows; or 12 whole prompts
+    assert passes[:2] == ([(3, 2), (12, 1)] if share_prompt else [(12, 3), (12, 1)])
 
     toy_tokenizer.padding_side = "left"
     enc = toy_tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -203,5 +203,7 @@ def test_micro_batch_size_changes_no_number(assets, tmp_path):
     b = split.train()[0]
     for key in ("loss", "policy_loss", "kl", "entropy", "grad_norm", "clip_fraction"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    # Adam's first step moves each weight by about lr·g/|g| (lr 1e-3 here): where g is ~0, the float rounding of
+    # another summation order moves a weight by a fraction of lr, so they agree to 1 % of lr
     for p, q in zip(whole.policy.parameters(), split.policy.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,54 @@
+"""Shared prompt prefixes: each distinct prompt of a batch runs once, and its keys and values serve every row.
+
+A group's G responses share their prompt, so the reference, policy and GPM passes need not run it G times. With
+a causal model the response columns attend to the same prompt keys and values either way: the outputs are the
+same up to float rounding, and a backward pass sums the rows' gradients into the one prompt pass (as it sums them
+over G copies without sharing). Rows are left-padded prompts then right-padded continuations (RolloutBatch's
+layout); positions count the unpadded tokens, as in generation.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import Tensor
+
+# transformers 5.24 names the forward's cache argument `cache` (`past_key_values` still works there, with a warning);
+# the vLLM venv's 5.19 and the 4.x series know only `past_key_values`
+CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+
+
+def distinct_prompts(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows' distinct prompts: the first row holding each, and the index of each row's. ids, mask: (n, P) →
+    (u,), (n,), ids[first][inverse] == ids where mask is 1."""
+    key = torch.where(mask.bool(), ids, -1)  # padding compares equal whatever id it holds
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), ids.shape[0], dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(ids.shape[0], device=ids.device), reduce="amin")
+    return first, inverse
+
+
+def positions_of(mask: Tensor) -> Tensor:
+    """Position ids of left-padded rows: 0 at each row's first token. (n, L) → (n, L)."""
+    return (mask.cumsum(dim=1) - 1).clamp_min(0)
+
+
+def forward_shared_prefix(model, ids: Tensor, mask: Tensor, prefix_cols: int, first: Tensor, inverse: Tensor,
+                          stop: int | None = None, prefix_kwargs: dict | None = None, rest_kwargs: dict | None = None):
+    """The prefix columns of the distinct rows `first`, then columns prefix_cols:stop of every row on their cache.
+
+    ids, mask: (n, L); first, inverse: from distinct_prompts over the prefix columns. Returns (the prefix pass's
+    output over u rows, the rest's over n rows, or None when stop == prefix_cols)."""
+    stop = ids.shape[1] if stop is None else stop
+    positions = positions_of(mask[:, :stop])
+    head = model(input_ids=ids[first, :prefix_cols], attention_mask=mask[first, :prefix_cols],
+                 position_ids=positions[first, :prefix_cols], use_cache=True, **(prefix_kwargs or {}))
+    if stop == prefix_cols:
+        return head, None
+    cache = getattr(head, "cache", None) or head.past_key_values
+    cache.batch_select_indices(inverse)  # (u, ...) → (n, ...): an index, so a backward sums into the prefix pass
+    rest = model(input_ids=ids[:, prefix_cols:stop], attention_mask=mask[:, :stop],
+                 position_ids=positions[:, prefix_cols:stop], use_cache=True, **{CACHE_ARG: cache},
+                 **(rest_kwargs or {}))
+    return head, rest
