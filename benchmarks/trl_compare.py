@@ -7,7 +7,7 @@ summed over axes); GPRL scores the same GPM's k axes and runs the drift monitor 
 Each side runs in its own subprocess (clean peak-memory figures), one after the other, in one invocation:
 
     python benchmarks/trl_compare.py [--size world|8m|30m|100m] [--steps 12] [--warmup 2] [--threads 2]
-                                     [--profile DIR] [--which both|interleaved]
+                                     [--profile DIR] [--which both|interleaved] [--context-words N]
 
 On a shared machine the load moves between the two sides' turns; `--which interleaved` runs both in one process, a
 GPRL step after each TRL step, so that both see the same load step by step (no per-side peak RSS in that mode).
@@ -15,7 +15,9 @@ GPRL step after each TRL step, so that both see the same load step by step (no p
 --size world is the world's SFT policy and GPM (0.35M parameters); the other sizes are random-weight Llama policies
 built here on the world's tokenizer (so the world's prompts feed them), with a GPM of random heads on a random
 backbone of the same shape; nothing is downloaded. Random policies rarely stop early: nearly every response runs to
---max-new-tokens, so the step is the model's compute. --profile writes, per side, cProfile's top functions and
+--max-new-tokens, so the step is the model's compute. --context-words N puts the same N-word preamble before every
+prompt on both sides (the world's prompts are ~12 tokens; chat and RLHF prompts are often longer than the
+response). --profile writes, per side, cProfile's top functions and
 torch.profiler's operator table (time and CPU memory) of the timed steps to DIR.
 """
 
@@ -118,18 +120,37 @@ def common(args):
     return dict(prompts=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens, lr=1e-5, beta=0.04)
 
 
+def prompt_list(args) -> list[str]:
+    """The world's training prompts, each after the same preamble of --context-words words (drawn once, seeded, from
+    the prompts' own words, so every token is in the world's vocabulary): the same list on both sides."""
+    import random
+
+    from gprl.sources import provider
+
+    prompts = list(provider("world").prompt_sets["prompts"][0])
+    if not args.context_words:
+        return prompts
+    words = sorted({w for p in prompts for w in p.split()})
+    preamble = " ".join(random.Random(0).choices(words, k=args.context_words))
+    return [f"{preamble} {p}" for p in prompts]
+
+
 def gprl_trainer(args):
     from gprl.config import parse_config
     from gprl.trainer import Trainer
 
     c = common(args)
     out = tempfile.mkdtemp(prefix="bench-gprl-")
+    prompts = "world:prompts"
+    if args.context_words:
+        prompts = os.path.join(out, "prompts.jsonl")
+        Path(prompts).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_list(args)))
     world = args.size == "world"
     policy, gpm = ("world:policy", "world:gpm") if world else model_dirs(args.size)
     spec = parse_config({
         "seed": 0,
         "model": {"policy": policy}, "gpm": {"path": gpm, "batch_size": c["prompts"] * c["group"]},
-        "data": {"prompts": "world:prompts"},
+        "data": {"prompts": prompts},
         "algo": {"steps": args.steps, "prompts_per_step": c["prompts"], "group_size": c["group"], "learning_rate": c["lr"],
                  "kl_coef": c["beta"], "micro_batch_size": c["prompts"] * c["group"]},
         "rollout": {"max_new_tokens": c["max_new_tokens"], "top_k": 0},
@@ -188,7 +209,6 @@ def run_trl(args, gprl=None) -> dict:
 
     from gprl.algo import group_axis_scores
     from gprl.gpm import GeneralPreferenceModel
-    from gprl.sources import provider
 
     c = common(args)
     policy, gpm_dir = model_dirs(args.size)
@@ -208,7 +228,7 @@ def run_trl(args, gprl=None) -> dict:
         return group_axis_scores(v, lam).sum(-1).reshape(-1).tolist()
 
     n_prompts = c["prompts"] * (args.steps + 2)
-    ds = Dataset.from_dict({"prompt": (list(provider("world").prompt_sets["prompts"][0]) * 10)[:n_prompts]})
+    ds = Dataset.from_dict({"prompt": (prompt_list(args) * 10)[:n_prompts]})
     cfg = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=c["prompts"] * G,
         num_generations=G, max_completion_length=c["max_new_tokens"], steps_per_generation=1, num_iterations=1,
@@ -265,6 +285,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--size", choices=["world", *SIZES], default="world")
+    ap.add_argument("--context-words", type=int, default=0,
+                    help="a preamble of this many words before every prompt, on both sides (a longer prompt)")
     ap.add_argument("--probe-every", type=int, default=None, help="GPRL's drift.probeEvery (default: the config's)")
     ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off", help="on both sides")
     ap.add_argument("--trl-bf16", choices=["on", "off"], default="off",
@@ -307,7 +329,7 @@ def report(args, g: dict, t: dict, load, load_after) -> None:
     policy, _ = model_dirs(args.size)
     print(f"mode: {args.which}; "
           + f"policy: {args.size} ({n_params(policy) / 1e6:.2f}M parameters); {args.prompts} prompts x G={args.group}, "
-          f"{args.max_new_tokens} new tokens (GPRL mean response {g['response_length']:.1f}), {args.steps} steps "
+          f"{args.max_new_tokens} new tokens{f', a {args.context_words}-word preamble before each prompt' if args.context_words else ''} (GPRL mean response {g['response_length']:.1f}), {args.steps} steps "
           f"({args.warmup} warm-up; {g['probe_steps']} timed GPRL probe steps), {args.threads} torch threads, activation checkpointing {args.gradient_checkpointing} on both sides, TRL bf16 autocast {args.trl_bf16}; "
           f"load average (1/5/15 min) before {load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}, "
           f"after {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}\n")
