@@ -124,6 +124,7 @@ class FrozenPasses:
         length = batch.attention_mask.sum(dim=1)
         if self._share_prompt(grad=False) and n % batch.group_size == 0:
             longest = length.view(-1, batch.group_size).amax(dim=1).repeat_interleave(batch.group_size)
+            # ties broken by the group's index, so that a group's rows stay together
             length = longest * (n + 1) + torch.arange(n, device=length.device) // batch.group_size
         order = torch.argsort(length, stable=True)  # on the batch's device
         return [order[i : i + size] for i in range(0, n, size)]
