@@ -152,8 +152,9 @@ class ModelSpec(_Spec):
         description="Run each prompt once and hand its keys and values to the group's G responses, in HF "
         "generation's prefill and in the reference and policy passes, instead of running it G times (the same "
         "numbers up to float rounding; the update's micro-batches then hold whole groups). Off for a policy whose "
-        "forward takes no KV cache. The policy's update pass does not share under learner.gradientCheckpointing; a "
-        "policy with dropout draws one dropout mask for a group's prompt, not G.",
+        "forward takes no KV cache. Not under DeepSpeed ZeRO-3 (the ranks' passes must match); the policy's update "
+        "pass does not share under learner.gradientCheckpointing; a policy with dropout draws one dropout mask for a "
+        "group's prompt, not G.",
     )
 
 

@@ -112,8 +112,10 @@ class FrozenPasses:
 
     def _share_prompt(self, grad: bool) -> bool:
         """Run each prompt once per micro-batch? Not in a checkpointed backward: recomputing a layer would append to
-        the shared cache a second time."""
-        return self.spec.model.share_prompt and not (grad and self.spec.learner.gradient_checkpointing)
+        the shared cache a second time. Not under ZeRO-3: every rank must run the same modules in the same order,
+        and whether a micro-batch has a prompt to share (an extra pass) depends on each rank's rows."""
+        return (self.spec.model.share_prompt and not self.collective_gather
+                and not (grad and self.spec.learner.gradient_checkpointing))
 
     def _micro_batches(self, batch: RolloutBatch) -> list[Tensor]:
         """Row indices of each micro-batch. Rows of similar length go together, so that sequence_logprobs cuts the

@@ -52,7 +52,9 @@ class HFRollout:
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         with torch.no_grad() if self.synced_gpus else torch.inference_mode():
             rows = {"input_ids": ids, "attention_mask": mask, "num_return_sequences": group_size}
-            if self.share_prompt and group_size > 1 and ids.shape[1] > 1:
+            # not under ZeRO-3 (synced_gpus): the ranks' forwards must match, and a rank whose prompts are one token
+            # long would skip the extra pass
+            if self.share_prompt and not self.synced_gpus and group_size > 1 and ids.shape[1] > 1:
                 rows = self._shared_prefill(ids, mask, group_size)
             out = self.model.generate(
                 **rows,

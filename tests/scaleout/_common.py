@@ -51,10 +51,12 @@ def shard(batch, adv, rank: int, world: int):
 
 
 def equivalence_spec(policy_dir: str, stage: int, offload: bool = False, backend: str = "deepspeed"):
+    """ZeRO-3 runs every row's prompt (model.sharePrompt is off there): the torch reference for stage 3 does too,
+    so that both sum the same numbers in the same order."""
     from gprl.config import parse_config
 
     return parse_config({
-        "model": {"policy": policy_dir},
+        "model": {"policy": policy_dir, "share_prompt": stage != 3},
         "algo": {"micro_batch_size": 3, "learning_rate": 5e-3, "steps": 3, "max_grad_norm": 0.5, "kl_coef": 0.1},
         "learner": {"backend": backend, "zero_stage": stage, "offload_optimizer": offload},
     })

@@ -16,13 +16,13 @@ pytest.importorskip("deepspeed")
 HERE = Path(__file__).resolve().parent
 
 
-def torch_reference(policy_dir: str):
+def torch_reference(policy_dir: str, stage: int):
     from transformers import AutoModelForCausalLM
 
     from gprl.algo.drift import Control
     from gprl.learner import TorchLearner
 
-    spec = equivalence_spec(policy_dir, 2, backend="torch")
+    spec = equivalence_spec(policy_dir, stage, backend="torch")
     policy = AutoModelForCausalLM.from_pretrained(policy_dir)
     reference = AutoModelForCausalLM.from_pretrained(policy_dir).eval().requires_grad_(False)
     learner = TorchLearner(policy, reference, spec)
@@ -42,7 +42,7 @@ def test_two_ranks_match_torch_learner(tiny_assets, warm_deepspeed, tmp_path, st
     assert res.returncode == 0, res.stdout[-4000:]
     got = torch.load(out)
     assert got["world"] == 2
-    want_stats, want_state = torch_reference(str(tiny_assets / "policy"))
+    want_stats, want_state = torch_reference(str(tiny_assets / "policy"), stage)
     for g, w in zip(got["stats"], want_stats):
         for key in ("loss", "policy_loss", "kl", "clip_fraction", "entropy", "grad_norm", "learning_rate"):
             assert g[key] == pytest.approx(w[key], rel=1e-4, abs=1e-5), (key, g, w)
