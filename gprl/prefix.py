@@ -34,6 +34,14 @@ def positions_of(mask: Tensor) -> Tensor:
     return (mask.cumsum(dim=1) - 1).clamp_min(0)
 
 
+def run_prefix(model, ids: Tensor, mask: Tensor, **kwargs):
+    """One cached pass over left-padded rows: (the model's output, its KV cache) — the cache is `cache` on
+    transformers 5.24's outputs, `past_key_values` before."""
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask), use_cache=True, **kwargs)
+    cache = getattr(out, "cache", None)
+    return out, cache if cache is not None else out.past_key_values
+
+
 def forward_shared_prefix(model, ids: Tensor, mask: Tensor, prefix_cols: int, first: Tensor, inverse: Tensor,
                           stop: int | None = None, prefix_kwargs: dict | None = None, rest_kwargs: dict | None = None):
     """The prefix columns of the distinct rows `first`, then columns prefix_cols:stop of every row on their cache.
@@ -41,12 +49,10 @@ def forward_shared_prefix(model, ids: Tensor, mask: Tensor, prefix_cols: int, fi
     ids, mask: (n, L); first, inverse: from distinct_prompts over the prefix columns. Returns (the prefix pass's
     output over u rows, the rest's over n rows, or None when stop == prefix_cols)."""
     stop = ids.shape[1] if stop is None else stop
-    positions = positions_of(mask[:, :stop])
-    head = model(input_ids=ids[first, :prefix_cols], attention_mask=mask[first, :prefix_cols],
-                 position_ids=positions[first, :prefix_cols], use_cache=True, **(prefix_kwargs or {}))
+    head, cache = run_prefix(model, ids[first, :prefix_cols], mask[first, :prefix_cols], **(prefix_kwargs or {}))
     if stop == prefix_cols:
         return head, None
-    cache = getattr(head, "cache", None) or head.past_key_values
+    positions = positions_of(mask[:, :stop])
     cache.batch_select_indices(inverse)  # (u, ...) → (n, ...): an index, so a backward sums into the prefix pass
     rest = model(input_ids=ids[:, prefix_cols:stop], attention_mask=mask[:, :stop],
                  position_ids=positions[:, prefix_cols:stop], use_cache=True, **{CACHE_ARG: cache},

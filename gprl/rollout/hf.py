@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from gprl.config import RolloutSpec
-from gprl.prefix import CACHE_ARG, positions_of
+from gprl.prefix import CACHE_ARG, run_prefix
 from gprl.rollout.base import RolloutBatch
 
 
@@ -90,9 +90,7 @@ class HFRollout:
         `generate` would run the whole prompt G times in its prefill. The rows are those num_return_sequences makes
         (prompt-major), so the sampler draws the same random numbers; generate runs the last prompt token of every row
         and samples on from there."""
-        head = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions_of(mask[:, :-1]),
-                          use_cache=True, logits_to_keep=1)
-        cache = getattr(head, "cache", None) or head.past_key_values
+        _, cache = run_prefix(self.model, ids[:, :-1], mask[:, :-1], logits_to_keep=1)
         cache.batch_repeat_interleave(group_size)
         return {"input_ids": ids.repeat_interleave(group_size, dim=0),
                 "attention_mask": mask.repeat_interleave(group_size, dim=0), CACHE_ARG: cache}
