@@ -377,6 +377,14 @@ class LearnerSpec(_Spec):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="DeepSpeed: keep optimizer state on the CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass.")
+    length_buckets: int = Field(
+        4, ge=1, le=64,
+        description="Run each micro-batch's reference and policy passes as at most this many passes over rows of "
+        "similar response length, each only as wide as its own longest response (1 = one pass as wide as the "
+        "micro-batch's longest): a padding column costs what a token costs. A split is made only where it saves "
+        "more padded tokens than one row of the longest width. The same numbers up to float rounding. Not under "
+        "DeepSpeed ZeRO-3 (the ranks' passes must match).",
+    )
 
 
 # --------------------------------------------------------------------------------------

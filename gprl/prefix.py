@@ -9,6 +9,8 @@ layout); positions count the unpadded tokens, as in generation.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import transformers
 from packaging.version import Version
@@ -42,19 +44,30 @@ def run_prefix(model, ids: Tensor, mask: Tensor, **kwargs):
     return out, cache if cache is not None else out.past_key_values
 
 
-def forward_shared_prefix(model, ids: Tensor, mask: Tensor, prefix_cols: int, first: Tensor, inverse: Tensor,
-                          stop: int | None = None, prefix_kwargs: dict | None = None, rest_kwargs: dict | None = None):
-    """The prefix columns of the distinct rows `first`, then columns prefix_cols:stop of every row on their cache.
+def cache_rows(cache, index: Tensor):
+    """A KV cache holding rows `index` of `cache`, which is left as it is (passes on several subsets of the rows
+    each extend their own copy). The layers' tensors are indexed, not copied in place: a backward pass through the
+    copy sums into the pass that filled the source."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    out.batch_select_indices(index)
+    return out
+
+
+def run_on_prefix(model, ids: Tensor, mask: Tensor, prefix_cols: int, cache, **kwargs):
+    """Columns prefix_cols: of rows whose first prefix_cols columns are in `cache` (one cache row per row). ids, mask:
+    (n, L); the mask covers the prefix too."""
+    return model(input_ids=ids[:, prefix_cols:], attention_mask=mask, position_ids=positions_of(mask)[:, prefix_cols:],
+                 use_cache=True, **{CACHE_ARG: cache}, **kwargs)
+
+
+def forward_shared_prefix(model, ids: Tensor, mask: Tensor, prefix_cols: int, first: Tensor, inverse: Tensor):
+    """The prefix columns of the distinct rows `first`, then the other columns of every row on their cache.
 
     ids, mask: (n, L); first, inverse: from distinct_prompts over the prefix columns. Returns (the prefix pass's
-    output over u rows, the rest's over n rows, or None when stop == prefix_cols)."""
-    stop = ids.shape[1] if stop is None else stop
-    head, cache = run_prefix(model, ids[first, :prefix_cols], mask[first, :prefix_cols], **(prefix_kwargs or {}))
-    if stop == prefix_cols:
+    output over u rows, the rest's over n rows, or None when no column follows the prefix)."""
+    head, cache = run_prefix(model, ids[first, :prefix_cols], mask[first, :prefix_cols])
+    if ids.shape[1] == prefix_cols:
         return head, None
-    positions = positions_of(mask[:, :stop])
     cache.batch_select_indices(inverse)  # (u, ...) → (n, ...): an index, so a backward sums into the prefix pass
-    rest = model(input_ids=ids[:, prefix_cols:stop], attention_mask=mask[:, :stop],
-                 position_ids=positions[:, prefix_cols:stop], use_cache=True, **{CACHE_ARG: cache},
-                 **(rest_kwargs or {}))
-    return head, rest
+    return head, run_on_prefix(model, ids, mask, prefix_cols, cache)

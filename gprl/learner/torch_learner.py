@@ -12,37 +12,47 @@ from torch import Tensor
 from gprl.algo import policy_loss
 from gprl.algo.drift import Control
 from gprl.config import RunSpec
-from gprl.prefix import distinct_prompts, forward_shared_prefix, positions_of
+from gprl.learner.buckets import length_buckets
+from gprl.prefix import cache_rows, distinct_prompts, positions_of, run_on_prefix, run_prefix
 from gprl.rollout.base import RolloutBatch
 
 
-def _logits(model, ids: Tensor, mask: Tensor, prompt_cols: int, share_prompt: bool) -> Tensor:
-    """Logits at the last prompt column and the response columns but the last (those predicting response tokens),
-    (n, width, vocab), width = ids.shape[1] - prompt_cols. With `share_prompt` each distinct prompt runs once
-    (gprl.prefix): a micro-batch of whole groups computes its prompts 1/G as often."""
-    width = ids.shape[1] - prompt_cols
+def _bucket_logits(model, ids: Tensor, mask: Tensor, prompt_cols: int, buckets: list[Tensor], widths: list[int],
+                   share_prompt: bool):
+    """Per bucket of rows, the logits at its last prompt column and its response columns but the last (those
+    predicting response tokens): (n_b, w_b, vocab), w_b its response width. With `share_prompt` each distinct
+    prompt of the rows runs once (gprl.prefix), for every bucket: a micro-batch of whole groups computes its
+    prompts 1/G as often."""
+    P = prompt_cols
     if share_prompt:
-        first, inverse = distinct_prompts(ids[:, :prompt_cols], mask[:, :prompt_cols])
+        first, inverse = distinct_prompts(ids[:, :P], mask[:, :P])
         share_prompt = len(first) < len(inverse)
-    if not share_prompt:
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions_of(mask),
-                     logits_to_keep=width + 1).logits[:, :-1]
-    # the last response column predicts nothing: the rest runs up to the one before
-    head, rest = forward_shared_prefix(model, ids, mask, prompt_cols, first, inverse, stop=prompt_cols + width - 1,
-                                       prefix_kwargs={"logits_to_keep": 1}, rest_kwargs={"logits_to_keep": width - 1})
-    logits = head.logits[inverse]
-    return logits if rest is None else torch.cat([logits, rest.logits], dim=1)
+    if share_prompt:
+        head, cache = run_prefix(model, ids[first, :P], mask[first, :P], logits_to_keep=1)
+    for rows, w in zip(buckets, widths):
+        if not share_prompt:
+            m = mask[rows, : P + w]
+            yield model(input_ids=ids[rows, : P + w], attention_mask=m, position_ids=positions_of(m),
+                        logits_to_keep=w + 1).logits[:, :-1]
+            continue
+        logits = head.logits[inverse[rows]]
+        if w > 1:  # the last response column predicts nothing: the rest runs up to the one before
+            rest = run_on_prefix(model, ids[rows, : P + w - 1], mask[rows, : P + w - 1], P,
+                                 cache_rows(cache, inverse[rows]), logits_to_keep=w - 1)
+            logits = torch.cat([logits, rest.logits], dim=1)
+        yield logits
 
 
 def sequence_logprobs(model, batch: RolloutBatch, rows: slice | Tensor, temperature: float, with_entropy: bool = False,
-                      share_prompt: bool = False):
+                      share_prompt: bool = False, max_buckets: int = 1):
     """Per-token log-probs (and entropies) of the response tokens in rows of the batch. Returns (n, T) tensors.
 
-    Only what the rows need is computed: leading columns that are padding in every row (left-padded prompts) and
-    response columns past every row's end are cut before the forward pass, the logits are computed for the
-    response positions only (`logits_to_keep`), not the prompt's, and with `share_prompt` each distinct prompt of
-    the rows runs once (see _logits). Causal attention makes the kept positions' outputs the same as on the full
-    width; the cut response columns come back as zeros (the response mask is 0 there).
+    Only what the rows need is computed: leading columns that are padding in every row (left-padded prompts) are
+    cut; the rows run in at most max_buckets passes of similar response length (gprl.learner.buckets), each only
+    as wide as its longest response; the logits are computed for the response positions only (`logits_to_keep`),
+    not the prompt's; with `share_prompt` each distinct prompt of the rows runs once (see _bucket_logits). Causal
+    attention makes the kept positions' outputs the same as on the full width; the cut response columns come back
+    as zeros (the response mask is 0 there).
 
     log p(y) = logit_y - logsumexp(logits): no (n, T, vocab) log-softmax is kept for the backward pass, and the
     entropy (a statistic, no gradient) is computed in chunks of rows, so the vocabulary-sized temporaries stay
@@ -52,20 +62,25 @@ def sequence_logprobs(model, batch: RolloutBatch, rows: slice | Tensor, temperat
     used = mask.any(dim=0).nonzero()
     first = int(used[0]) if used.numel() else 0
     first = min(first, P - 1)  # the last prompt column's logits predict the first response token: always kept
-    width = max(1, int(batch.response_mask[rows].sum(dim=1).max()))
-    ids, mask = ids[:, first : P + width], mask[:, first : P + width]
-    logits = _logits(model, ids, mask, P - first, share_prompt)
-    logits = logits.float() / temperature  # position P-1+t predicts response token t
-    taken = logits.gather(-1, ids[:, P - first :].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    pad = lambda t: torch.nn.functional.pad(t, (0, T - width))  # noqa: E731
-    if not with_entropy:
-        return pad(taken), None
-    with torch.no_grad():
-        entropy = torch.cat([
-            torch.logsumexp(chunk, dim=-1) - (torch.softmax(chunk, dim=-1) * chunk).sum(-1)
-            for chunk in logits.detach().split(8)
-        ])
-    return pad(taken), pad(entropy)
+    ids, mask = ids[:, first:], mask[:, first:]
+    lengths = batch.response_mask[rows].sum(dim=1).clamp_min(1)
+    buckets = length_buckets(lengths.cpu(), max_buckets)
+    buckets = [b.to(ids.device) for b in buckets]
+    widths = [int(lengths[b].max()) for b in buckets]
+    pad = lambda t, w: torch.nn.functional.pad(t, (0, T - w))  # noqa: E731
+    taken, entropy = [], []
+    for b, w, logits in zip(buckets, widths, _bucket_logits(model, ids, mask, P - first, buckets, widths, share_prompt)):
+        logits = logits.float() / temperature  # position P-1+t predicts response token t
+        response = ids[b, P - first : P - first + w]
+        taken.append(pad(logits.gather(-1, response.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1), w))
+        if with_entropy:
+            with torch.no_grad():
+                entropy.append(pad(torch.cat([
+                    torch.logsumexp(chunk, dim=-1) - (torch.softmax(chunk, dim=-1) * chunk).sum(-1)
+                    for chunk in logits.detach().split(8)
+                ]), w))
+    back = torch.argsort(torch.cat(buckets))  # bucket order → the rows' order
+    return torch.cat(taken)[back], (torch.cat(entropy)[back] if with_entropy else None)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -117,6 +132,11 @@ class FrozenPasses:
         return (self.spec.model.share_prompt and not self.collective_gather
                 and not (grad and self.spec.learner.gradient_checkpointing))
 
+    def _max_buckets(self) -> int:
+        """Passes per micro-batch over rows of similar length (gprl.learner.buckets). One under ZeRO-3: how many
+        passes a micro-batch needs depends on each rank's rows."""
+        return 1 if self.collective_gather else self.spec.learner.length_buckets
+
     def _micro_batches(self, batch: RolloutBatch) -> list[Tensor]:
         """Row indices of each micro-batch. Rows of similar length go together, so that sequence_logprobs cuts the
         padding the others would bring: sorted by length, or, when prompts are shared, whole groups sorted by their
@@ -138,9 +158,11 @@ class FrozenPasses:
         for rows in self._micro_batches(batch):
             if model_or_none is None:
                 with self.policy.disable_adapter():
-                    out[rows] = sequence_logprobs(self.forward_model, batch, rows, temp, share_prompt=share)[0]
+                    out[rows] = sequence_logprobs(self.forward_model, batch, rows, temp, share_prompt=share,
+                                                  max_buckets=self._max_buckets())[0]
             else:
-                out[rows] = sequence_logprobs(model_or_none, batch, rows, temp, share_prompt=share)[0]
+                out[rows] = sequence_logprobs(model_or_none, batch, rows, temp, share_prompt=share,
+                                              max_buckets=self._max_buckets())[0]
         return out
 
     def reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
@@ -157,7 +179,8 @@ class FrozenPasses:
         share + [entropy summed over the micro-batch's tokens / total_tokens])."""
         algo = self.spec.algo
         logp, entropy = sequence_logprobs(self.forward_model, batch, rows, self.spec.rollout.temperature,
-                                          with_entropy=True, share_prompt=self._share_prompt(grad=True))
+                                          with_entropy=True, share_prompt=self._share_prompt(grad=True),
+                                          max_buckets=self._max_buckets())
         device = logp.device
         m = mask[rows].to(device)
         stats = policy_loss(

@@ -43,9 +43,10 @@ def test_cut_padding_and_prompt_logits_change_no_log_prob(toy_backbone_config):
     # stray row, all rows in a new order; each prompt run per row and once per distinct prompt.
     subsets = (torch.tensor([3, 4]), torch.tensor([0, 5]), torch.tensor([2, 1, 3]), torch.arange(6).flip(0))
     for rows in subsets:
-        for share in (False, True):
+        for share, buckets in ((False, 1), (True, 1), (False, 4), (True, 4)):
             with torch.no_grad():
-                got, entropy = sequence_logprobs(model, batch, rows, temp, with_entropy=True, share_prompt=share)
+                got, entropy = sequence_logprobs(model, batch, rows, temp, with_entropy=True, share_prompt=share,
+                                                 max_buckets=buckets)
             assert got.shape == entropy.shape == (len(rows), batch.response_mask.shape[1])
             torch.testing.assert_close(got[m[rows]], want[rows][m[rows]], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(entropy[m[rows]], want_entropy[rows][m[rows]], rtol=1e-5, atol=1e-5)
@@ -67,16 +68,54 @@ def test_a_shared_prompt_runs_once_and_gets_every_rows_gradient(toy_backbone_con
     shapes = []
     model.model.embed_tokens.register_forward_hook(lambda mod, args, out: shapes.append(tuple(args[0].shape)))
     grads, rows, m = [], torch.arange(6), batch.response_mask.float()
-    for share in (False, True):
+    # Response lengths 5, 1, 3, 2, 2, 4: one pass as wide as the longest (5), or two, rows 0, 5, 2 (5 wide) and
+    # rows 3, 4, 1 (2 wide): 3·5 + 3·2 = 21 cells against 30, a saving larger than one row of the longest (5).
+    passes = {(False, 1): [(6, P + 5)], (True, 1): [(3, P), (6, 4)],
+              (False, 4): [(3, P + 5), (3, P + 2)], (True, 4): [(3, P), (3, 4), (3, 1)]}
+    for share, buckets in passes:
         shapes.clear()
         model.zero_grad()
-        logp, _ = sequence_logprobs(model, batch, rows, 1.0, share_prompt=share)
+        logp, _ = sequence_logprobs(model, batch, rows, 1.0, share_prompt=share, max_buckets=buckets)
         (logp * m * torch.arange(1.0, 7.0)[:, None]).sum().backward()  # a different weight per row
         grads.append([p.grad.clone() for p in model.parameters()])
-        # P + longest response (5) columns in one pass; or the 3 prompts (4 columns), then 6 rows of 4 responses
-        assert shapes == ([(6, P + 5)] if not share else [(3, P), (6, 4)])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # the prompt and the response columns but the last (it predicts nothing) after each shared prompt pass
+        assert shapes == passes[share, buckets], (share, buckets)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _best_split_cost(lengths: list[int], max_buckets: int) -> int:
+    """Every way of cutting the rows sorted by length into at most max_buckets runs: the least padded cells, plus one
+    row of the longest width per extra pass."""
+    import itertools
+
+    desc = sorted(lengths, reverse=True)
+    costs = []
+    for k in range(1, max_buckets + 1):
+        for cuts in itertools.combinations(range(1, len(desc)), k - 1):
+            runs = [desc[a:b] for a, b in zip((0, *cuts), (*cuts, len(desc)))]
+            costs.append(sum(len(r) * r[0] for r in runs) + (k - 1) * desc[0])
+    return min(costs)
+
+
+def test_length_buckets_cut_the_fewest_padded_cells():
+    """length_buckets against every split of the sorted rows: each row in one bucket, no more buckets than allowed,
+    the least padded cells (a pass costs one row of the longest width); one bucket when no split saves that much."""
+    import random
+
+    from gprl.learner.buckets import length_buckets
+
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = [rng.choice([0, 1, 2, 3, 5, 8, 13, 32, 32, 32]) for _ in range(rng.randint(1, 9))]
+        max_buckets = rng.randint(1, 4)
+        buckets = [b.tolist() for b in length_buckets(torch.tensor(lengths), max_buckets)]
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+        assert 1 <= len(buckets) <= max_buckets
+        cost = sum(len(b) * max(lengths[i] for i in b) for b in buckets) + (len(buckets) - 1) * max(lengths)
+        assert cost == _best_split_cost(lengths, max_buckets), (lengths, max_buckets, buckets)
+    assert len(length_buckets(torch.tensor([32] * 30 + [31, 30]), 4)) == 1  # saves 3 cells: not worth a pass
 
 
 def test_update_equals_the_plain_full_batch_update(toy_backbone_config):

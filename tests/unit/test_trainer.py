@@ -187,8 +187,11 @@ def test_gradient_checkpointing_is_applied_and_changes_no_number(assets, tmp_pat
     assert ckpt.policy.is_gradient_checkpointing and not plain.policy.is_gradient_checkpointing
     for key in ("loss", "kl", "entropy", "grad_norm"):
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    # Adam's first step moves each weight by about lr·g/|g| (lr 1e-3 here): the checkpointed policy pass runs every
+    # row's prompt (the plain one shares it), and where g is ~0 that summation order moves a weight by a fraction
+    # of lr, so they agree to 1 % of lr; a wrong recomputation moves many by ~lr
     for p, q in zip(plain.policy.parameters(), ckpt.policy.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
 def test_micro_batch_size_changes_no_number(assets, tmp_path):

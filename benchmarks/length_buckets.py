@@ -1,0 +1,97 @@
+"""The update's passes with a micro-batch as one pass as wide as its longest response, against its rows split into
+passes of similar length (learner.lengthBuckets), in one process, alternating, on the same sampled batches: the
+reference pass (no grad) and the policy's forward + backward, each prompt run once per group in both.
+
+    python benchmarks/length_buckets.py [--size world|8m|30m|100m] [--prompts 4] [--group 8] [--max-new-tokens 32]
+                                        [--buckets 4] [--batches 3] [--repeats 4] [--threads 1]
+
+CPU seconds per pass over one batch (the whole batch one micro-batch, as in trl_compare.py), the median over
+--repeats rounds of the --batches batches; the padded cells are response columns × rows computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=["world", "8m", "30m", "100m"], default="8m")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--buckets", type=int, default=4, help="learner.lengthBuckets to compare with 1")
+    ap.add_argument("--batches", type=int, default=3, help="sampled batches (their lengths differ)")
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gprl.config import RolloutSpec
+    from gprl.learner.buckets import length_buckets
+    from gprl.learner.torch_learner import sequence_logprobs
+    from gprl.rollout.hf import HFRollout
+    from trl_compare import model_dirs, n_params, prompt_list
+
+    torch.set_num_threads(args.threads)
+    policy_dir, _ = model_dirs(args.size)
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    args.context_words = 0
+    prompts = prompt_list(args)[: args.prompts]
+    torch.manual_seed(0)
+    rollout = HFRollout(model, tok, RolloutSpec(max_new_tokens=args.max_new_tokens, top_k=0))
+    batches = [rollout.generate(prompts, args.group) for _ in range(args.batches)]
+    rows = torch.arange(batches[0].sequences.shape[0])
+
+    def reference(batch, buckets):
+        with torch.no_grad():
+            sequence_logprobs(model, batch, rows, 1.0, share_prompt=True, max_buckets=buckets)
+
+    def policy(batch, buckets):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        logp, _ = sequence_logprobs(model, batch, rows, 1.0, with_entropy=True, share_prompt=True, max_buckets=buckets)
+        (logp * batch.response_mask).sum().backward()
+        model.eval()
+
+    ways = (1, args.buckets)
+    passes = {"reference pass": reference, "policy forward + backward": policy}
+    times = {(name, k): [] for name in passes for k in ways}
+    for fn in passes.values():  # one untimed call each: first-call allocations
+        for k in ways:
+            fn(batches[0], k)
+    for _ in range(args.repeats):
+        for name, fn in passes.items():
+            for batch in batches:
+                for k in ways:
+                    t = time.process_time()
+                    fn(batch, k)
+                    times[(name, k)].append(time.process_time() - t)
+    cells = {k: 0 for k in ways}
+    for batch in batches:
+        lengths = batch.response_mask.sum(1).clamp_min(1)
+        for k in ways:
+            cells[k] += sum(len(b) * int(lengths[b].max()) for b in length_buckets(lengths, k))
+    tokens = sum(int(b.response_mask.sum()) for b in batches)
+    print(f"policy {args.size} ({n_params(policy_dir) / 1e6:.2f}M parameters), {args.batches} batches of "
+          f"{args.prompts} prompts x G={args.group}, <= {args.max_new_tokens} new tokens, responses of "
+          f"{tokens / (len(rows) * len(batches)):.1f} tokens, {args.threads} torch threads, median of "
+          f"{args.repeats * len(batches)}; response cells computed: {cells[1]} in one pass, {cells[args.buckets]} "
+          f"with up to {args.buckets} ({tokens} tokens)\n")
+    print(f"| pass | one pass (CPU s) | up to {args.buckets} passes (CPU s) | ratio |\n|---|---|---|---|")
+    for name in passes:
+        a, b = (statistics.median(times[(name, k)]) for k in ways)
+        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
