@@ -1,9 +1,14 @@
-"""The update's passes with a micro-batch as one pass as wide as its longest response, against its rows split into
-passes of similar length (learner.lengthBuckets), in one process, alternating, on the same sampled batches: the
-reference pass (no grad) and the policy's forward + backward, each prompt run once per group in both.
+"""Two cuts of GPRL's step, each on and off, in one process, alternating, on the same sampled batches:
 
-    python benchmarks/length_buckets.py [--size world|8m|30m|100m] [--prompts 4] [--group 8] [--max-new-tokens 32]
-                                        [--buckets 4] [--batches 3] [--repeats 4] [--threads 1]
+- length buckets (learner.lengthBuckets): the update's reference pass (no grad) and the policy's forward + backward
+  with a micro-batch as one pass as wide as its longest response, against its rows split into passes of similar
+  length (each prompt run once per group in both);
+- reserved KV room (gprl.rollout.hf.ReservedLayer): HF generation with the cache copied into a new tensor at every
+  decoding step (transformers' DynamicLayer), against each step's columns written into room reserved after the
+  prefill (the same samples at a fixed seed).
+
+    python benchmarks/step_cuts.py [--size world|8m|30m|100m] [--prompts 4] [--group 8] [--max-new-tokens 32]
+                                   [--buckets 4] [--batches 3] [--repeats 4] [--threads 1]
 
 CPU seconds per pass over one batch (the whole batch one micro-batch, as in trl_compare.py), the median over
 --repeats rounds of the --batches batches; the padded cells are response columns × rows computed.
@@ -38,6 +43,7 @@ def main() -> None:
     from gprl.config import RolloutSpec
     from gprl.learner.buckets import length_buckets
     from gprl.learner.torch_learner import sequence_logprobs
+    from gprl.rollout import hf
     from gprl.rollout.hf import HFRollout
     from trl_compare import model_dirs, n_params, prompt_list
 
@@ -63,23 +69,32 @@ def main() -> None:
         (logp * batch.response_mask).sum().backward()
         model.eval()
 
-    ways = (1, args.buckets)
-    passes = {"reference pass": reference, "policy forward + backward": policy}
-    times = {(name, k): [] for name in passes for k in ways}
-    for fn in passes.values():  # one untimed call each: first-call allocations
-        for k in ways:
+    def generation(batch, reserve):
+        # off: the prefill's cache keeps transformers' DynamicLayers (a benchmark-only switch)
+        hf.ReservedLayer.taking_over = taking_over if reserve else (lambda layer, room: layer)
+        torch.manual_seed(1)
+        rollout.generate(prompts, args.group)
+        hf.ReservedLayer.taking_over = taking_over
+
+    taking_over = hf.ReservedLayer.taking_over
+    ways = {"reference pass": (1, args.buckets), "policy forward + backward": (1, args.buckets),
+            "generation": (False, True)}
+    passes = {"reference pass": reference, "policy forward + backward": policy, "generation": generation}
+    times = {(name, k): [] for name in passes for k in ways[name]}
+    for name, fn in passes.items():  # one untimed call each: first-call allocations
+        for k in ways[name]:
             fn(batches[0], k)
     for _ in range(args.repeats):
         for name, fn in passes.items():
             for batch in batches:
-                for k in ways:
+                for k in ways[name]:
                     t = time.process_time()
                     fn(batch, k)
                     times[(name, k)].append(time.process_time() - t)
-    cells = {k: 0 for k in ways}
+    cells = {k: 0 for k in (1, args.buckets)}
     for batch in batches:
         lengths = batch.response_mask.sum(1).clamp_min(1)
-        for k in ways:
+        for k in cells:
             cells[k] += sum(len(b) * int(lengths[b].max()) for b in length_buckets(lengths, k))
     tokens = sum(int(b.response_mask.sum()) for b in batches)
     print(f"policy {args.size} ({n_params(policy_dir) / 1e6:.2f}M parameters), {args.batches} batches of "
@@ -87,10 +102,12 @@ def main() -> None:
           f"{tokens / (len(rows) * len(batches)):.1f} tokens, {args.threads} torch threads, median of "
           f"{args.repeats * len(batches)}; response cells computed: {cells[1]} in one pass, {cells[args.buckets]} "
           f"with up to {args.buckets} ({tokens} tokens)\n")
-    print(f"| pass | one pass (CPU s) | up to {args.buckets} passes (CPU s) | ratio |\n|---|---|---|---|")
-    for name in passes:
-        a, b = (statistics.median(times[(name, k)]) for k in ways)
-        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
+    print("| pass | off (CPU s) | on (CPU s) | ratio |\n|---|---|---|---|")
+    for name, label in (("reference pass", f"length buckets (1 → {args.buckets})"),
+                        ("policy forward + backward", f"length buckets (1 → {args.buckets})"),
+                        ("generation", "reserved KV room")):
+        a, b = (statistics.median(times[(name, k)]) for k in ways[name])
+        print(f"| {name}, {label} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")
 
 
 if __name__ == "__main__":
