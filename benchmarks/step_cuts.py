@@ -1,8 +1,8 @@
 """Two cuts of GPRL's step, each on and off, in one process, alternating, on the same sampled batches:
 
-- length buckets (learner.lengthBuckets): the update's reference pass (no grad) and the policy's forward + backward
-  with a micro-batch as one pass as wide as its longest response, against its rows split into passes of similar
-  length (each prompt run once per group in both);
+- length buckets (learner.lengthBuckets, gprl.buckets): the update's reference pass (no grad), the policy's forward
+  + backward and the GPM's scoring pass with a batch as one pass as wide as its longest response, against its rows
+  split into passes of similar length (each prompt run once per group in both);
 - reserved KV room (gprl.rollout.hf.ReservedLayer): HF generation with the cache copied into a new tensor at every
   decoding step (transformers' DynamicLayer), against each step's columns written into room reserved after the
   prefill (the same samples at a fixed seed).
@@ -41,14 +41,16 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gprl.config import RolloutSpec
-    from gprl.learner.buckets import length_buckets
+    from gprl.gpm import GeneralPreferenceModel
+    from gprl.buckets import length_buckets
     from gprl.learner.torch_learner import sequence_logprobs
     from gprl.rollout import hf
     from gprl.rollout.hf import HFRollout
     from trl_compare import model_dirs, n_params, prompt_list
 
     torch.set_num_threads(args.threads)
-    policy_dir, _ = model_dirs(args.size)
+    policy_dir, gpm_dir = model_dirs(args.size)
+    gpm = GeneralPreferenceModel.from_pretrained(gpm_dir).eval()
     tok = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
     args.context_words = 0
@@ -69,6 +71,9 @@ def main() -> None:
         (logp * batch.response_mask).sum().backward()
         model.eval()
 
+    def gpm_pass(batch, buckets):
+        gpm.score(tok, batch.prompts, batch.responses, batch_size=len(rows), max_buckets=buckets)
+
     def generation(batch, reserve):
         # off: the prefill's cache keeps transformers' DynamicLayers (a benchmark-only switch)
         hf.ReservedLayer.taking_over = taking_over if reserve else (lambda layer, room: layer)
@@ -78,8 +83,9 @@ def main() -> None:
 
     taking_over = hf.ReservedLayer.taking_over
     ways = {"reference pass": (1, args.buckets), "policy forward + backward": (1, args.buckets),
-            "generation": (False, True)}
-    passes = {"reference pass": reference, "policy forward + backward": policy, "generation": generation}
+            "GPM scoring": (1, args.buckets), "generation": (False, True)}
+    passes = {"reference pass": reference, "policy forward + backward": policy, "GPM scoring": gpm_pass,
+              "generation": generation}
     times = {(name, k): [] for name in passes for k in ways[name]}
     for name, fn in passes.items():  # one untimed call each: first-call allocations
         for k in ways[name]:
@@ -105,6 +111,7 @@ def main() -> None:
     print("| pass | off (CPU s) | on (CPU s) | ratio |\n|---|---|---|---|")
     for name, label in (("reference pass", f"length buckets (1 → {args.buckets})"),
                         ("policy forward + backward", f"length buckets (1 → {args.buckets})"),
+                        ("GPM scoring", f"length buckets (1 → {args.buckets})"),
                         ("generation", "reserved KV room")):
         a, b = (statistics.median(times[(name, k)]) for k in ways[name])
         print(f"| {name}, {label} | {a:.3f} | {b:.3f} | {a / b:.2f}x |")

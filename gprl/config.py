@@ -193,7 +193,9 @@ class GPMSpec(_Spec):
         json_schema_extra=IMMUTABLE,
     )
     beta: float = Field(0.1, gt=0, description="Temperature β of P(y_i ≻ y_j) = σ(s / β).")
-    batch_size: int = Field(32, ge=1, le=4096, description="Responses per GPM forward pass when scoring.")
+    batch_size: int = Field(32, ge=1, le=4096, description="Responses per GPM scoring batch (with a causal "
+                            "backbone, each distinct prompt of a batch runs once, its responses in up to four passes of "
+                            "similar length).")
     server_url: Optional[Text] = Field(
         None, description="URL of a `gprl serve-gpm` scoring server; score in-process when unset."
     )

@@ -59,15 +59,3 @@ def run_on_prefix(model, ids: Tensor, mask: Tensor, prefix_cols: int, cache, **k
     (n, L); the mask covers the prefix too."""
     return model(input_ids=ids[:, prefix_cols:], attention_mask=mask, position_ids=positions_of(mask)[:, prefix_cols:],
                  use_cache=True, **{CACHE_ARG: cache}, **kwargs)
-
-
-def forward_shared_prefix(model, ids: Tensor, mask: Tensor, prefix_cols: int, first: Tensor, inverse: Tensor):
-    """The prefix columns of the distinct rows `first`, then the other columns of every row on their cache.
-
-    ids, mask: (n, L); first, inverse: from distinct_prompts over the prefix columns. Returns (the prefix pass's
-    output over u rows, the rest's over n rows, or None when no column follows the prefix)."""
-    head, cache = run_prefix(model, ids[first, :prefix_cols], mask[first, :prefix_cols])
-    if ids.shape[1] == prefix_cols:
-        return head, None
-    cache.batch_select_indices(inverse)  # (u, ...) → (n, ...): an index, so a backward sums into the prefix pass
-    return head, run_on_prefix(model, ids, mask, prefix_cols, cache)

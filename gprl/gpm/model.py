@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from gprl.algo.per_axis import pairwise_axis_scores, pairwise_scores
-from gprl.prefix import distinct_prompts, forward_shared_prefix
+from gprl.buckets import length_buckets
+from gprl.prefix import cache_rows, distinct_prompts, run_on_prefix, run_prefix
 
 HEADS_FILE = "gpm_heads.safetensors"
 CONFIG_FILE = "gpm_config.json"
@@ -131,14 +132,24 @@ class GeneralPreferenceModel(nn.Module):
         flags = [m.is_causal for m in self.backbone.modules() if isinstance(getattr(m, "is_causal", None), bool)]
         return bool(flags) and all(flags)
 
-    def forward_shared(self, input_ids: Tensor, attention_mask: Tensor, prompt_cols: int, response_last: Tensor) -> GPMOutput:
-        """The same outputs as forward with each distinct prompt run once (gprl.prefix). input_ids, attention_mask:
+    def forward_shared(self, input_ids: Tensor, attention_mask: Tensor, prompt_cols: int, response_last: Tensor,
+                       max_buckets: int = 1) -> GPMOutput:
+        """The same outputs as forward with each distinct prompt run once (gprl.prefix), and the responses in at most
+        max_buckets passes of similar length, each as wide as its longest (gprl.buckets). input_ids, attention_mask:
         (N, P + R), prompts left-padded to P columns, then right-padded responses of at least one token;
         response_last: (N,) column of each row's last response token."""
-        first, inverse = distinct_prompts(input_ids[:, :prompt_cols], attention_mask[:, :prompt_cols])
-        head, rest = forward_shared_prefix(self.backbone, input_ids, attention_mask, prompt_cols, first, inverse)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        response_hidden = rest.last_hidden_state[rows, response_last - prompt_cols]
+        P = prompt_cols
+        first, inverse = distinct_prompts(input_ids[:, :P], attention_mask[:, :P])
+        head, cache = run_prefix(self.backbone, input_ids[first, :P], attention_mask[first, :P])
+        lengths = response_last - P + 1
+        response_hidden = head.last_hidden_state.new_empty(input_ids.shape[0], head.last_hidden_state.shape[-1])
+        for rows in length_buckets(lengths.cpu(), max_buckets):
+            rows = rows.to(input_ids.device)
+            stop = P + int(lengths[rows].max())
+            rest = run_on_prefix(self.backbone, input_ids[rows, :stop], attention_mask[rows, :stop], P,
+                                 cache_rows(cache, inverse[rows]))
+            at = torch.arange(len(rows), device=input_ids.device)
+            response_hidden[rows] = rest.last_hidden_state[at, response_last[rows] - P]
         return GPMOutput(self.embed(response_hidden), self.gate(head.last_hidden_state[:, -1])[inverse])
 
     @torch.no_grad()
@@ -150,10 +161,12 @@ class GeneralPreferenceModel(nn.Module):
         batch_size: int = 32,
         max_length: int = 1024,
         share_prompt: bool = True,
+        max_buckets: int = 4,
     ) -> GPMOutput:
         """Embeddings and eigenvalues of (prompt, response) pairs, batch_size pairs per backbone pass. With a causal
         backbone and `share_prompt`, a pass runs each of its distinct prompts once (a group's G responses share
-        theirs) and the responses after them; otherwise each pair's prompt + response."""
+        theirs), then the responses after them in at most max_buckets passes of similar length (gprl.buckets: a
+        padding column costs what a token costs); otherwise each pair's prompt + response."""
         device = next(self.parameters()).device
         share = share_prompt and self.causal
         outs = []
@@ -163,7 +176,7 @@ class GeneralPreferenceModel(nn.Module):
             if share and all(r for _, r in pairs):
                 enc = shared_layout(pairs, _pad_id(tokenizer))
                 outs.append(self.forward_shared(enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                                enc["prompt_cols"], enc["response_last"].to(device)))
+                                                enc["prompt_cols"], enc["response_last"].to(device), max_buckets))
             else:
                 outs.append(self(**{k: t.to(device) for k, t in pair_layout(pairs, _pad_id(tokenizer)).items()}))
         return GPMOutput(

@@ -12,7 +12,7 @@ from torch import Tensor
 from gprl.algo import policy_loss
 from gprl.algo.drift import Control
 from gprl.config import RunSpec
-from gprl.learner.buckets import length_buckets
+from gprl.buckets import length_buckets
 from gprl.prefix import cache_rows, distinct_prompts, positions_of, run_on_prefix, run_prefix
 from gprl.rollout.base import RolloutBatch
 
@@ -48,7 +48,7 @@ def sequence_logprobs(model, batch: RolloutBatch, rows: slice | Tensor, temperat
     """Per-token log-probs (and entropies) of the response tokens in rows of the batch. Returns (n, T) tensors.
 
     Only what the rows need is computed: leading columns that are padding in every row (left-padded prompts) are
-    cut; the rows run in at most max_buckets passes of similar response length (gprl.learner.buckets), each only
+    cut; the rows run in at most max_buckets passes of similar response length (gprl.buckets), each only
     as wide as its longest response; the logits are computed for the response positions only (`logits_to_keep`),
     not the prompt's; with `share_prompt` each distinct prompt of the rows runs once (see _bucket_logits). Causal
     attention makes the kept positions' outputs the same as on the full width; the cut response columns come back
@@ -133,7 +133,7 @@ class FrozenPasses:
                 and not (grad and self.spec.learner.gradient_checkpointing))
 
     def _max_buckets(self) -> int:
-        """Passes per micro-batch over rows of similar length (gprl.learner.buckets). One under ZeRO-3: how many
+        """Passes per micro-batch over rows of similar length (gprl.buckets). One under ZeRO-3: how many
         passes a micro-batch needs depends on each rank's rows."""
         return 1 if self.collective_gather else self.spec.learner.length_buckets
 

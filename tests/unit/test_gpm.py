@@ -250,8 +250,9 @@ def test_gpm_train_cli_takes_the_aspect_and_decorrelation_terms(tiny_assets, tmp
 
 def test_scoring_with_each_prompt_run_once_changes_no_number(toy_tokenizer, toy_backbone_config):
     """Groups of responses to the same prompt (prompts and responses of several lengths, batches that cut a group):
-    one pass per distinct prompt then the responses on its cache gives each pair's own full pass's embeddings and
-    eigenvalues; an encoder backbone, whose prompt sees the response, is scored pair by pair."""
+    one pass per distinct prompt then the responses on its cache, in one pass or in passes of similar length, gives
+    each pair's own full pass's embeddings and eigenvalues; an encoder backbone, whose prompt sees the response, is
+    scored pair by pair."""
     from transformers import BertConfig
 
     torch.manual_seed(0)
@@ -264,13 +265,18 @@ def test_scoring_with_each_prompt_run_once_changes_no_number(toy_tokenizer, toy_
     responses = [r for _, rs in groups for r in rs]
     passes = []
     gpm.backbone.embed_tokens.register_forward_hook(lambda m, args, out: passes.append(tuple(args[0].shape)))
-    for batch_size in (8, 3):
+    for batch_size, buckets in ((8, 1), (3, 1), (8, 4)):
         passes.clear()
         want = gpm.score(toy_tokenizer, prompts, responses, batch_size=batch_size, share_prompt=False)
         assert len(passes) == -(-8 // batch_size)  # one pass of prompt + response per batch
         passes.clear()
-        got = gpm.score(toy_tokenizer, prompts, responses, batch_size=batch_size)
-        assert len(passes) == 2 * -(-8 // batch_size) and passes[0][0] == (3 if batch_size == 8 else 1)
+        got = gpm.score(toy_tokenizer, prompts, responses, batch_size=batch_size, max_buckets=buckets)
+        if buckets == 1:
+            assert len(passes) == 2 * -(-8 // batch_size) and passes[0][0] == (3 if batch_size == 8 else 1)
+        else:
+            # responses (+ eos) of 3, 2, 6, 2, 4, 2, 3, 3 tokens: the 3 prompts, then the 6- and 4-token responses,
+            # then the six others 3 wide (36 cells and one extra pass's 6, against 48 in one pass)
+            assert [(rows, cols) for rows, cols in passes[1:]] == [(2, 6), (6, 3)]
         torch.testing.assert_close(got.embeddings, want.embeddings, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.eigenvalues, want.eigenvalues, rtol=1e-5, atol=1e-5)
     assert want.eigenvalues[0].sub(want.eigenvalues[3]).abs().max() > 1e-3  # the prompts' λ differ

@@ -104,7 +104,7 @@ def test_length_buckets_cut_the_fewest_padded_cells():
     the least padded cells (a pass costs one row of the longest width); one bucket when no split saves that much."""
     import random
 
-    from gprl.learner.buckets import length_buckets
+    from gprl.buckets import length_buckets
 
     rng = random.Random(0)
     for _ in range(300):
