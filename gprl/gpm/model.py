@@ -163,7 +163,7 @@ class GeneralPreferenceModel(nn.Module):
         share_prompt: bool = True,
         max_buckets: int = 4,
     ) -> GPMOutput:
-        """Embeddings and eigenvalues of (prompt, response) pairs, batch_size pairs per backbone pass. With a causal
+        """Embeddings and eigenvalues of (prompt, response) pairs, batch_size pairs at a time. With a causal
         backbone and `share_prompt`, a pass runs each of its distinct prompts once (a group's G responses share
         theirs), then the responses after them in at most max_buckets passes of similar length (gprl.buckets: a
         padding column costs what a token costs); otherwise each pair's prompt + response."""

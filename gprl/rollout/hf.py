@@ -104,9 +104,10 @@ class ReservedLayer(DynamicLayer):
     """A DynamicLayer that keeps room for `room` more positions: each decoding step writes its key and value columns
     into the room instead of copying the whole cache into a new tensor (DynamicLayer's torch.cat, a copy that grows
     with every token); the keys and values it hands to attention are views of the filled part, the same numbers.
-    ~7 % of a 7M-parameter policy's generation on a CPU. Generation only: the writes are in place, so no backward
-    pass may run through it. transformers' StaticCache reserves room too, but attends over all of it, padding
-    included (slower on a CPU)."""
+    2-7 % of a 7M-parameter policy's generation on a CPU (benchmarks/step_cuts.py). The room is the size the cache
+    reaches when a row runs to max_new_tokens, held from the start (each cat briefly holds two copies instead).
+    Generation only: the writes are in place, so no backward pass may run through it. transformers' StaticCache
+    reserves room too, but attends over all of it, padding included (slower on a CPU)."""
 
     def __init__(self, room: int):
         super().__init__()
