@@ -141,11 +141,11 @@ class GeneralPreferenceModel(nn.Module):
         P = prompt_cols
         first, inverse = distinct_prompts(input_ids[:, :P], attention_mask[:, :P])
         head, cache = run_prefix(self.backbone, input_ids[first, :P], attention_mask[first, :P])
-        lengths = response_last - P + 1
+        lengths = (response_last - P + 1).cpu()  # one device sync for the whole split
         response_hidden = head.last_hidden_state.new_empty(input_ids.shape[0], head.last_hidden_state.shape[-1])
-        for rows in length_buckets(lengths.cpu(), max_buckets):
-            rows = rows.to(input_ids.device)
+        for rows in length_buckets(lengths, max_buckets):
             stop = P + int(lengths[rows].max())
+            rows = rows.to(input_ids.device)
             rest = run_on_prefix(self.backbone, input_ids[rows, :stop], attention_mask[rows, :stop], P,
                                  cache_rows(cache, inverse[rows]))
             at = torch.arange(len(rows), device=input_ids.device)

@@ -63,10 +63,10 @@ def sequence_logprobs(model, batch: RolloutBatch, rows: slice | Tensor, temperat
     first = int(used[0]) if used.numel() else 0
     first = min(first, P - 1)  # the last prompt column's logits predict the first response token: always kept
     ids, mask = ids[:, first:], mask[:, first:]
-    lengths = batch.response_mask[rows].sum(dim=1).clamp_min(1)
-    buckets = length_buckets(lengths.cpu(), max_buckets)
-    buckets = [b.to(ids.device) for b in buckets]
+    lengths = batch.response_mask[rows].sum(dim=1).clamp_min(1).cpu()  # one device sync for the whole split
+    buckets = length_buckets(lengths, max_buckets)
     widths = [int(lengths[b].max()) for b in buckets]
+    buckets = [b.to(ids.device) for b in buckets]
     pad = lambda t, w: torch.nn.functional.pad(t, (0, T - w))  # noqa: E731
     taken, entropy = [], []
     for b, w, logits in zip(buckets, widths, _bucket_logits(model, ids, mask, P - first, buckets, widths, share_prompt)):

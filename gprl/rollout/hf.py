@@ -118,7 +118,7 @@ class ReservedLayer(DynamicLayer):
     def taking_over(cls, layer: DynamicLayer, room: int) -> "ReservedLayer":
         """The same cache contents as `layer` (reserved at the next update)."""
         out = cls(room)
-        out.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("room", "buffers")})
+        out.__dict__.update(layer.__dict__)  # a DynamicLayer's keys, values and flags; it has no room or buffers
         return out
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
