@@ -32,19 +32,14 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gprl.config import RolloutSpec
-    from gprl.gpm import GeneralPreferenceModel
     from gprl.learner.torch_learner import sequence_logprobs
     from gprl.rollout.hf import HFRollout
-    from trl_compare import model_dirs, n_params, prompt_list
+    from trl_compare import load_models, prompt_list
 
     torch.set_num_threads(args.threads)
-    policy_dir, gpm_dir = model_dirs(args.size)
-    tok = AutoTokenizer.from_pretrained(policy_dir)
-    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
-    gpm = GeneralPreferenceModel.from_pretrained(gpm_dir).eval()
+    _, tok, model, gpm = load_models(args.size)
     prompts = prompt_list(args)[: args.prompts]
     spec = RolloutSpec(max_new_tokens=args.max_new_tokens)
     torch.manual_seed(0)
@@ -81,7 +76,7 @@ def main() -> None:
                 fn(share)
                 times[(name, share)].append(time.process_time() - t)
     prompt_tokens = float(batch.attention_mask[:, : batch.prompt_width].sum(1).float().mean())
-    print(f"policy {args.size} ({n_params(policy_dir) / 1e6:.2f}M parameters), {args.prompts} prompts x "
+    print(f"policy {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {args.prompts} prompts x "
           f"G={args.group}, prompts of {prompt_tokens:.1f} tokens, responses of "
           f"{float(batch.response_mask.sum(1).float().mean()):.1f}, {args.threads} torch threads, median of "
           f"{args.repeats}\n")

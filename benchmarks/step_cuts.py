@@ -38,21 +38,16 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gprl.config import RolloutSpec
-    from gprl.gpm import GeneralPreferenceModel
     from gprl.buckets import length_buckets
+    from gprl.config import RolloutSpec
     from gprl.learner.torch_learner import sequence_logprobs
     from gprl.rollout import hf
     from gprl.rollout.hf import HFRollout
-    from trl_compare import model_dirs, n_params, prompt_list
+    from trl_compare import load_models, prompt_list
 
     torch.set_num_threads(args.threads)
-    policy_dir, gpm_dir = model_dirs(args.size)
-    gpm = GeneralPreferenceModel.from_pretrained(gpm_dir).eval()
-    tok = AutoTokenizer.from_pretrained(policy_dir)
-    model = AutoModelForCausalLM.from_pretrained(policy_dir).eval()
+    _, tok, model, gpm = load_models(args.size)
     args.context_words = 0
     prompts = prompt_list(args)[: args.prompts]
     torch.manual_seed(0)
@@ -103,7 +98,7 @@ def main() -> None:
         for k in cells:
             cells[k] += sum(len(b) * int(lengths[b].max()) for b in length_buckets(lengths, k))
     tokens = sum(int(b.response_mask.sum()) for b in batches)
-    print(f"policy {args.size} ({n_params(policy_dir) / 1e6:.2f}M parameters), {args.batches} batches of "
+    print(f"policy {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {args.batches} batches of "
           f"{args.prompts} prompts x G={args.group}, <= {args.max_new_tokens} new tokens, responses of "
           f"{tokens / (len(rows) * len(batches)):.1f} tokens, {args.threads} torch threads, median of "
           f"{args.repeats * len(batches)}; response cells computed: {cells[1]} in one pass, {cells[args.buckets]} "

@@ -70,6 +70,17 @@ def model_dirs(size: str) -> tuple[str, str]:
     return str(policy), str(gpm)
 
 
+def load_models(size: str):
+    """(policy folder, tokenizer, policy, GPM) of a size, as every benchmark of the step loads them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gprl.gpm import GeneralPreferenceModel
+
+    policy, gpm = model_dirs(size)
+    return (policy, AutoTokenizer.from_pretrained(policy), AutoModelForCausalLM.from_pretrained(policy),
+            GeneralPreferenceModel.from_pretrained(gpm).eval())
+
+
 def n_params(folder: str) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -204,17 +215,13 @@ def run_trl(args, gprl=None) -> dict:
     timed on its own and taken out of TRL's step times: both sides then see the same load, step by step."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from gprl.algo import group_axis_scores
-    from gprl.gpm import GeneralPreferenceModel
 
     c = common(args)
-    policy, gpm_dir = model_dirs(args.size)
-    tok = AutoTokenizer.from_pretrained(policy)
-    model = AutoModelForCausalLM.from_pretrained(policy)
-    gpm = GeneralPreferenceModel.from_pretrained(gpm_dir).eval()
+    _, tok, model, gpm = load_models(args.size)
     G = c["group"]
     tokens = {"n": 0}
 
