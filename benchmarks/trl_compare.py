@@ -185,7 +185,7 @@ def gprl_summary(timed: list[dict]) -> dict:
     total = sum(r["step_seconds"] for r in timed)
     return {
         "phase_share": {k: v / total for k, v in phases.items()},
-        "overhead_share": 1.0 - sum(phases.get(k, 0.0) for k in ("generate", "score", "update")) / total,
+        "overhead_share": 1.0 - sum(phases.get(k, 0.0) for k in ("generate", "score", "reference", "update")) / total,
         "probe_steps": sum("probe" in r["timings"] for r in timed),
         "response_length": sum(r["response_length"] for r in timed) / len(timed),
     }

@@ -121,13 +121,15 @@ class DeepSpeedLearner(FrozenPasses):
 
     # ------------------------------------------------------------------ the update
 
-    def update(self, batch: RolloutBatch, advantages: Tensor, control: Control) -> UpdateStats:
-        """epochs_per_batch optimizer steps over this rank's share; statistics are those of the global batch."""
+    def update(self, batch: RolloutBatch, advantages: Tensor, control: Control,
+               ref_logp: Tensor | None = None) -> UpdateStats:
+        """epochs_per_batch optimizer steps over this rank's share; statistics are those of the global batch.
+        ref_logp: this rank's reference_logprobs when the caller already has them; computed here when None."""
         algo, engine = self.spec.algo, self.engine
         device = engine.device
         batch = _to(batch, device)
+        ref_logp = self.reference_logprobs(batch) if ref_logp is None else ref_logp.to(device)
         engine.train()
-        ref_logp = self.reference_logprobs(batch)
         old_logp = batch.old_logp
         if old_logp is None and algo.epochs_per_batch > 1:
             old_logp = self._frozen_logprobs(self.engine, batch)

@@ -165,10 +165,13 @@ class FrozenPasses:
                                               max_buckets=self._max_buckets())[0]
         return out
 
+    @property
+    def runs_reference_pass(self) -> bool:
+        """False when nothing can turn the KL term on: no reference log-probs are computed."""
+        return not (self.spec.algo.kl_coef == 0 and self.spec.drift.mode == "off")
+
     def reference_logprobs(self, batch: RolloutBatch) -> Tensor | None:
-        if self.spec.algo.kl_coef == 0 and self.spec.drift.mode == "off":
-            return None  # nothing can turn the KL term on
-        return self._frozen_logprobs(self.reference, batch)
+        return self._frozen_logprobs(self.reference, batch) if self.runs_reference_pass else None
 
     def micro_batch_loss(self, batch: RolloutBatch, rows: Tensor, advantages: Tensor, mask: Tensor,
                          ref_logp: Tensor | None, old_logp: Tensor | None, control: Control, total_tokens: float,
@@ -218,11 +221,15 @@ class TorchLearner(FrozenPasses):
             self.optimizer, lambda t: lr_factor(t, algo.steps, warmup, algo.lr_schedule)
         )
 
-    def update(self, batch: RolloutBatch, advantages: Tensor, control: Control) -> UpdateStats:
-        """epochs_per_batch optimizer steps over the batch, each accumulated over micro-batches."""
+    def update(self, batch: RolloutBatch, advantages: Tensor, control: Control,
+               ref_logp: Tensor | None = None) -> UpdateStats:
+        """epochs_per_batch optimizer steps over the batch, each accumulated over micro-batches. ref_logp: the
+        batch's reference_logprobs when the caller already has them (the trainer runs that pass beside the GPM's
+        scoring); computed here when None."""
         algo = self.spec.algo
+        if ref_logp is None:
+            ref_logp = self.reference_logprobs(batch)
         self.policy.train()
-        ref_logp = self.reference_logprobs(batch)
         # With one pass the sampling policy is the current one: the ratio is exactly 1 and the old
         # log-probs are the current ones, detached — no extra forward pass (as TRL does).
         old_logp = batch.old_logp

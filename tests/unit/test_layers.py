@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {
     "gprl": 0,  # the package's __init__
     "gprl.config": 0, "gprl.api": 0, "gprl.checkpoint": 0, "gprl.distributed": 0, "gprl.metrics": 0,
-    "gprl.algo": 1, "gprl.crd": 1, "gprl.prefix": 1, "gprl.buckets": 1,
+    "gprl.algo": 1, "gprl.crd": 1, "gprl.prefix": 1, "gprl.buckets": 1, "gprl.overlap": 1,
     "gprl.gpm": 2, "gprl.data": 2, "gprl.sources": 2, "gprl.control": 2, "gprl.observability": 2,
     "gprl.report": 2, "gprl.tracking": 2, "gprl.fetch": 2,
     "gprl.learner": 3, "gprl.rollout": 3, "gprl.serving": 3, "gprl.evaluate": 3,

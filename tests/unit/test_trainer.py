@@ -45,7 +45,7 @@ def test_two_step_run_end_to_end(assets, tmp_path):
     for r in records:
         assert len(r["axis_variance"]) == 3 and all(v >= 0 for v in r["axis_variance"])
         assert r["tokens"] > 0 and r["kl"] >= 0
-        assert set(r["timings"]) >= {"generate", "score", "advantages", "update", "monitor"}
+        assert set(r["timings"]) >= {"generate", "score", "reference", "advantages", "update", "monitor"}
     run = tmp_path / "run"
     assert len((run / "steps.jsonl").read_text().splitlines()) == 2
     assert (run / "checkpoints" / "step-00000002" / "trainer_state.json").exists()
@@ -209,4 +209,51 @@ def test_micro_batch_size_changes_no_number(assets, tmp_path):
     # Adam's first step moves each weight by about lr·g/|g| (lr 1e-3 here): where g is ~0, the float rounding of
     # another summation order moves a weight by a fraction of lr, so they agree to 1 % of lr
     for p, q in zip(whole.policy.parameters(), split.policy.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_gpm_scores_beside_the_reference_pass_and_changes_no_number(assets, tmp_path):
+    """With two or more threads the GPM scores on a worker thread while the reference pass runs, half the threads
+    each (the count restored after); with one thread one after the other. The step's numbers are the same."""
+    import threading
+
+    from gprl.trainer import Trainer
+
+    quiet = lambda *_: None  # noqa: E731
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = Trainer(spec_for(assets, tmp_path / "alone", **{"algo.steps": 1}), log=quiet)
+        a = alone.train()[0]
+
+        torch.set_num_threads(4)
+        beside = Trainer(spec_for(assets, tmp_path / "beside", **{"algo.steps": 1}), log=quiet)
+        seen = {}
+        reference_running = threading.Event()
+        score, reference = beside.gpm.score, beside.learner.reference_logprobs
+
+        def gpm_score(*args, **kw):
+            # the reference pass must start while the GPM scores: one after the other, this wait times out
+            seen.setdefault("overlapped", reference_running.wait(timeout=60))
+            seen.setdefault("gpm_thread", threading.get_ident())  # the step's call (the evaluation's comes after)
+            seen.setdefault("gpm_threads", torch.get_num_threads())
+            return score(*args, **kw)
+
+        def reference_logprobs(batch):
+            reference_running.set()
+            seen.setdefault("reference_threads", torch.get_num_threads())
+            seen.setdefault("reference_thread", threading.get_ident())
+            return reference(batch)
+
+        beside.gpm.score, beside.learner.reference_logprobs = gpm_score, reference_logprobs
+        b = beside.train()[0]
+        assert torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["overlapped"] and seen["gpm_thread"] != seen["reference_thread"] == threading.get_ident()
+    assert seen["reference_threads"] == seen["gpm_threads"] == 2
+    assert {"score", "reference"} <= set(b["timings"])
+    for key in ("loss", "policy_loss", "kl", "entropy", "grad_norm", "axis_variance"):
+        assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+    for p, q in zip(alone.policy.parameters(), beside.policy.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
