@@ -14,7 +14,8 @@
                                    [--buckets 4] [--batches 3] [--repeats 4] [--threads 1]
 
 CPU seconds per pass over one batch (the whole batch one micro-batch, as in trl_compare.py) — wall seconds for the two
-passes at the same time, which take twice the cores — the median over --repeats rounds of the --batches batches; the padded cells are response columns × rows computed.
+passes at the same time, which take twice the cores — the median over --repeats rounds of the --batches batches; the
+padded cells are response columns × rows computed.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def main() -> None:
 
     taking_over = hf.ReservedLayer.taking_over
     ways = {"reference pass": (1, args.buckets), "policy forward + backward": (1, args.buckets),
-            "GPM scoring": (1, args.buckets), "generation": (False, True), "GPM scoring + reference pass": (False, True)}
+            "GPM scoring": (1, args.buckets), "generation": (False, True),
+            "GPM scoring + reference pass": (False, True)}
     passes = {"reference pass": reference, "policy forward + backward": policy, "GPM scoring": gpm_pass,
               "generation": generation, "GPM scoring + reference pass": beside}
     if args.threads == 1:  # the trainer runs the two one after the other then
@@ -119,8 +121,8 @@ def main() -> None:
         for k in cells:
             cells[k] += sum(len(b) * int(lengths[b].max()) for b in length_buckets(lengths, k))
     tokens = sum(int(b.response_mask.sum()) for b in batches)
-    print(f"policy {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {args.batches} batches of "
-          f"{args.prompts} prompts x G={args.group}, <= {args.max_new_tokens} new tokens, responses of "
+    print(f"policy {args.size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), "
+          f"{args.batches} batches of {args.prompts} prompts x G={args.group}, <= {args.max_new_tokens} new tokens, responses of "
           f"{tokens / (len(rows) * len(batches)):.1f} tokens, {args.threads} torch threads, median of "
           f"{args.repeats * len(batches)}; response cells computed: {cells[1]} in one pass, {cells[args.buckets]} "
           f"with up to {args.buckets} ({tokens} tokens)\n")

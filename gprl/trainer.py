@@ -279,7 +279,8 @@ class Trainer:
                 self.log(f"warning: step {self.step + 1}: the GPM returned non-finite outputs for {nonfinite} "
                          "responses; their groups get zero advantage and are left out of the drift statistics")
         with timer("update"):
-            stats = self.learner.update(batch, adv.detach().reshape(-1).to(batch.sequences.device), control, ref_logp)
+            stats = self.learner.update(batch, adv.detach().reshape(-1).to(batch.sequences.device), control,
+                                        ref_logp)
             if stats.skipped:
                 self.log(f"warning: step {self.step + 1}: non-finite loss or gradient (loss {stats.loss}, grad norm "
                          f"{stats.grad_norm}); the update was skipped, the weights are unchanged")
@@ -347,8 +348,9 @@ class Trainer:
         """The GPM's outputs for the rollouts and the reference's log-probs of them (None without a KL term), the
         two passes at the same time: each needs only the batch. The GPM scores on a worker thread while this one
         runs the reference pass: with a GPM server the learner would otherwise wait idle through the call. An
-        in-process GPM on a CPU shares the cores with the reference pass, half the threads each (the pair 1.2x as
-        fast at 7M parameters on two cores, benchmarks/step_cuts.py); with one thread, one after the other. The
+        in-process GPM on a CPU shares the cores with the reference pass, half the threads each (the pair 1.06-1.18x
+        as fast at 7M parameters and 1.14x at 32M on two cores, benchmarks/step_cuts.py); with one thread, one after
+        the other. The
         numbers are those of the passes run apart: the same kernels (a reduction over fewer threads may round the
         last bit differently)."""
         score = functools.partial(self.gpm.score, self.gpm_tokenizer, batch.prompts, batch.responses,
